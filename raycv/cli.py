@@ -1,0 +1,89 @@
+"""The `raycv` command.
+
+    raycv validate search_spaces/smoke.yaml            # check a space, show data, folds, tokens, model
+    raycv folds search_spaces/base.yaml --out folds.csv
+    raycv train-fold search_spaces/smoke.yaml --fold 0  # one fold, locally, no Ray
+    raycv convert-structbert en_model large_bert_config.json vocab.txt structbert-large/
+    raycv tune search_spaces/base.yaml [--address auto]
+    raycv report runs/base
+
+Any search space takes `key=value` overrides after it (`data.path=/data/train.csv train.lr=3e-5`).
+Bad input of any kind: one line on stderr per problem, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from raycv import RaycvError
+from raycv.config import ConfigError
+
+EXIT_BAD_INPUT = 2
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own two-line usage error -> our one line, exit 2
+        raise RaycvError(f"{message} (see {self.prog} --help)")
+
+
+def _space_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("space", help="search-space YAML (a missing spaces/NAME.yaml falls back to the bundled one)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. train.lr=3e-5")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="raycv", description="Ray-orchestrated CV and hyperparameter search for BERT regressors.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = sub.add_parser("validate", help="validate a search space; show data, folds, token lengths and the model")
+    _space_args(p)
+    p.add_argument("--no-model", action="store_true", help="skip building the model (no parameter count)")
+
+    p = sub.add_parser("folds", help="write the fold assignment as id,fold")
+    _space_args(p)
+    p.add_argument("--out", default="folds.csv", help="CSV to write (default folds.csv)")
+
+    p = sub.add_parser("train-fold", help="fine-tune one fold locally (no Ray) and write its predictions")
+    _space_args(p)
+    p.add_argument("--fold", type=int, required=True, help="fold index, 0..num_folds-1")
+    p.add_argument("--out-dir", help="where to write (default <run.output_dir>/train_fold/fold_K)")
+
+    p = sub.add_parser("convert-structbert", help="AliceMind StructBERT checkpoint -> transformers directory")
+    p.add_argument("checkpoint", help="AliceMind's en_model (a torch state dict)")
+    p.add_argument("config_json", help="AliceMind's large_bert_config.json")
+    p.add_argument("vocab_txt", help="AliceMind's vocab.txt")
+    p.add_argument("out_dir", help="new directory for config.json, model.safetensors and the tokenizer")
+
+    p = sub.add_parser("tune", help="run the search: Ray Tune trials, one Ray Train worker per fold")
+    _space_args(p)
+    p.add_argument("--address", help="Ray cluster to join (auto, or ray://...); default: RAY_ADDRESS, else a local Ray")
+
+    p = sub.add_parser("report", help="rebuild a run's CV report from what it stored (no Ray needed)")
+    p.add_argument("run_dir", help="the run's output directory, e.g. runs/base")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args = build_parser().parse_args(argv)
+        from raycv import commands
+
+        return getattr(commands, args.command.replace("-", "_"))(args) or 0
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"raycv: error: {exc.source}: {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except RaycvError as exc:
+        print(f"raycv: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("raycv: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

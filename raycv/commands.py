@@ -1,0 +1,117 @@
+"""What each `raycv` subcommand does; `cli.py` parses the line and turns RaycvError into exit status 2.
+
+Human output lives here (and in the Tune driver): the library modules only log.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from raycv import RaycvError, write_atomic
+from raycv.config import dump_yaml, load_config
+
+
+def validate(args) -> int:
+    """Resolved config, rows, fold sizes, token lengths, padding, model size; trains nothing."""
+    from raycv.data import bucketed_batches, encode_folds, useful_token_fraction
+    from raycv.model import build_model, count_parameters, load_tokenizer
+    from raycv.train_fold import num_eval_points, steps_per_epoch
+
+    config = load_config(args.space, args.overrides)
+    table, tokens, _ = encode_folds(config)
+    print(dump_yaml(config).rstrip())
+    print("---")
+    sizes = table["fold"].value_counts().sort_index().tolist()
+    print(f"rows: {len(table)} from {config.data.path}")
+    print(f"folds: {config.data.num_folds} (seed {config.data.fold_seed}), validation rows per fold: {'/'.join(map(str, sizes))}")
+    full = [len(ids) for ids in load_tokenizer(config.model)(table["text"].tolist(), truncation=False)["input_ids"]]
+    full = np.array(full)
+    lengths = np.array([len(t) for t in tokens])
+    print(
+        f"tokens per excerpt: mean {full.mean():.0f}, p90 {np.percentile(full, 90):.0f}, max {full.max()}; "
+        f"{(full > config.model.max_length).mean():.1%} truncated at max_length {config.model.max_length}"
+    )
+    batch = config.train.batch_size
+    bucketed = useful_token_fraction(lengths, bucketed_batches(lengths, batch, np.random.default_rng(0)))
+    fixed = lengths.sum() / (len(lengths) * config.model.max_length)
+    print(f"useful-token fraction at batch {batch}: length-bucketed {bucketed:.3f}, fixed padding {fixed:.3f}")
+    train_rows = len(table) - min(sizes)
+    print(
+        f"per fold: {steps_per_epoch(train_rows, batch)} steps/epoch x {config.train.epochs} epochs, "
+        f"{num_eval_points(config.train, train_rows)} evaluation points"
+    )
+    print(f"trials: {num_trials(config)} (search.num_samples {config.search.num_samples} x grid points)")
+    if not args.no_model:
+        model = build_model(config.model, seed=0)
+        print(f"model: {count_parameters(model):,} parameters ({config.model.backbone.type}, pooling {config.model.pooling})")
+    print("ok")
+    return 0
+
+
+def num_trials(config) -> int:
+    grid = math.prod(len(d.grid) for d in config.search.params.values() if d.grid)
+    return grid * config.search.num_samples
+
+
+def folds(args) -> int:
+    from raycv.data import load_folds
+
+    config = load_config(args.space, args.overrides)
+    table = load_folds(config.data)
+    out = Path(args.out)
+    write_atomic(out, lambda tmp: table[["id", "fold"]].to_csv(tmp, index=False))
+    sizes = table["fold"].value_counts().sort_index().tolist()
+    print(f"wrote {out}: {len(table)} rows, folds {'/'.join(map(str, sizes))}")
+    return 0
+
+
+def train_fold(args) -> int:
+    from raycv.data import encode_folds
+    from raycv.train_fold import format_progress, split_fold
+    from raycv.train_fold import train_fold as run_fold
+
+    config = load_config(args.space, args.overrides)
+    if not 0 <= args.fold < config.data.num_folds:
+        raise RaycvError(f"--fold {args.fold} is out of range; data.num_folds is {config.data.num_folds} (0..{config.data.num_folds - 1})")
+    out_dir = Path(args.out_dir or Path(config.run.output_dir) / "train_fold" / f"fold_{args.fold}")
+    table, tokens, pad_id = encode_folds(config)
+    data = split_fold(table, tokens, args.fold, pad_id)
+    print(f"fold {args.fold}: {len(data.train_ids)} training rows, {len(data.valid_ids)} validation rows, "
+          f"batch {config.train.batch_size}, {config.train.epochs} epochs")
+    result = run_fold(config, data, on_eval=lambda point, _: print(format_progress(point), flush=True))
+    write_atomic(out_dir / "predictions.csv", lambda tmp: result.predictions().to_csv(tmp, index=False))
+    write_atomic(out_dir / "curve.csv", lambda tmp: pd.DataFrame(result.curve).to_csv(tmp, index=False))
+    write_atomic(out_dir / "resolved_config.yaml", lambda tmp: Path(tmp).write_text(dump_yaml(config)))
+    print(f"fold {args.fold}: best val_rmse {result.best_rmse:.4f}, last {result.last_rmse:.4f}; wrote {out_dir}")
+    return 0
+
+
+def convert_structbert(args) -> int:
+    from raycv.model import convert_structbert as convert
+
+    ignored = convert(args.checkpoint, args.config_json, args.vocab_txt, args.out_dir)
+    if ignored:
+        print(f"ignored {len(ignored)} tensors a BertModel does not use (pretraining heads): {', '.join(ignored[:5])}"
+              + (" ..." if len(ignored) > 5 else ""))
+    print(f"wrote {args.out_dir}: point a search space at it with model.backbone.type=pretrained "
+          f"model.backbone.path={args.out_dir}")
+    return 0
+
+
+def tune(args) -> int:
+    from raycv.sweep import run_sweep
+
+    config = load_config(args.space, args.overrides)
+    return run_sweep(config, address=args.address)
+
+
+def report(args) -> int:
+    from raycv.report import write_report
+
+    paths = write_report(Path(args.run_dir))
+    print(f"report: {paths['report_md']}")
+    return 0

