@@ -81,6 +81,7 @@ class TinyBackbone(Section):
 
 
 Backbone = Annotated[Union[PretrainedBackbone, StructBertBackbone, TinyBackbone], Field(discriminator="type")]
+BACKBONE_TYPES = {"pretrained": PretrainedBackbone, "structbert": StructBertBackbone, "tiny": TinyBackbone}
 
 
 class ModelConfig(Section):
@@ -183,6 +184,9 @@ class RunConfig(Section):
     max_concurrent_trials: int | None = Field(None, ge=1)  # None: as many as the cluster's resources hold
     ensemble_top_k: int = Field(3, ge=1)  # the seed ensemble averages the OOF predictions of this many trials
     keep_fold_models: int = Field(1, ge=0)  # trials (the best) whose fold weights are kept for prediction
+    checkpoint_every: int = Field(1, ge=1)  # evaluation points between fold checkpoints (and always the last)
+    checkpoints_to_keep: int = Field(1, ge=1)  # per trial; a restarted worker group resumes from the newest
+    max_failures: int = Field(1, ge=0)  # worker-group restarts per trial before it counts as an error
 
 
 class Config(Section):
@@ -276,12 +280,14 @@ def describe_errors(exc: ValidationError, prefix: str = "") -> list[str]:
     lines = []
     for err in exc.errors():
         loc = [str(part) for part in err["loc"]]
-        # A discriminated union puts the tag ("tiny") into the location; it is no key of the file.
-        loc = [part for part in loc if part not in ("pretrained", "structbert", "tiny")]
+        # A discriminated union puts the tag ("tiny") after "backbone" in the location; it is no key of the file.
+        at = next((i for i in range(1, len(loc)) if loc[i - 1] == "backbone" and loc[i] in BACKBONE_TYPES), None)
+        tag = loc.pop(at) if at is not None else None
         key = prefix + ".".join(loc)
         if err["type"] == "extra_forbidden":
             parent = ".".join(loc[:-1])
-            known = _known_keys(parent)
+            # A key of another backbone type: list the keys of the type given, not a "did you mean" itself.
+            known = list(BACKBONE_TYPES[tag].model_fields) if tag else _known_keys(parent)
             hint = difflib.get_close_matches(loc[-1], known, n=1)
             fix = f"did you mean {'.'.join(loc[:-1] + hint)}?" if hint else f"known keys: {', '.join(known)}"
             lines.append(f"{key}: unknown key; {fix}")

@@ -1,0 +1,220 @@
+"""A run directory -> report.json, report.md, trials.csv and PNG plots.
+
+    raycv report runs/smoke
+
+Reads only what the run stored (run.json, oof/, curves/, folds.csv, baselines.json, resolved_config.yaml),
+so the report can be rebuilt anywhere, without Ray or GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from raycv import RaycvError, write_atomic
+from raycv.collect import ensemble, rmse, score_trial
+
+OPTIMISM_NOTE = (
+    "cv_rmse_best takes each fold's predictions at that fold's best evaluation point, chosen on the same "
+    "validation rows it is scored on, so it is optimistic; cv_rmse_last (every fold's final point) is the "
+    "honest figure for a fixed training length."
+)
+
+
+def load_run(run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    needed = ["run.json", "folds.csv", "baselines.json", "resolved_config.yaml"]
+    missing = [name for name in needed if not (run_dir / name).is_file()]
+    if missing:
+        raise RaycvError(f"{run_dir} is not a finished raycv run (missing {', '.join(missing)}); run raycv tune first")
+    run = json.loads((run_dir / "run.json").read_text())
+    config = yaml.safe_load((run_dir / "resolved_config.yaml").read_text())
+    oofs, curves = {}, {}
+    for trial in run["trials"]:
+        oof_path, curve_path = run_dir / "oof" / f"{trial['trial_id']}.csv", run_dir / "curves" / f"{trial['trial_id']}.csv"
+        if oof_path.is_file():
+            oofs[trial["trial_id"]] = pd.read_csv(oof_path, dtype={"id": str})
+        if curve_path.is_file():
+            curves[trial["trial_id"]] = pd.read_csv(curve_path)
+    return {
+        "run": run, "config": config, "oofs": oofs, "curves": curves,
+        "folds": pd.read_csv(run_dir / "folds.csv", dtype={"id": str}),
+        "baselines": json.loads((run_dir / "baselines.json").read_text()),
+    }
+
+
+def build_report(loaded: dict) -> dict:
+    run, oofs = loaded["run"], loaded["oofs"]
+    trials = []
+    for trial in run["trials"]:
+        row = {key: trial[key] for key in ("trial_id", "params", "status", "eval_points", "error")}
+        if trial["trial_id"] in oofs:
+            row.update(score_trial(oofs[trial["trial_id"]]))
+        else:
+            row.update({"cv_rmse_best": None, "cv_rmse_last": None, "fold_rmse_best": None, "fold_rmse_last": None})
+        trials.append(row)
+    trials.sort(key=lambda t: (t["cv_rmse_best"] is None, t["cv_rmse_best"] or 0.0))
+
+    finished = [t for t in trials if t["status"] == "finished" and t["cv_rmse_best"] is not None]
+    candidates = finished or [t for t in trials if t["cv_rmse_best"] is not None]
+    best = candidates[0]["trial_id"] if candidates else None
+    k = loaded["config"]["run"]["ensemble_top_k"]
+    members = [t["trial_id"] for t in finished[:k]]
+    ensemble_report = {"k": k, "trials": members, "cv_rmse": None, "cv_rmse_last": None, "fold_rmse": None}
+    if members:
+        mixed = ensemble([oofs[m] for m in members])
+        ensemble_report.update(
+            cv_rmse=rmse(mixed, "pred_best"), cv_rmse_last=rmse(mixed, "pred_last"),
+            fold_rmse=[rmse(f, "pred_best") for _, f in mixed.groupby("fold", sort=True)],
+        )
+    return {
+        "run": run["name"], "rows": int(len(loaded["folds"])), "num_folds": int(loaded["folds"]["fold"].nunique()),
+        "num_points": run["num_points"], "max_t": run["max_t"], "scheduler": run["scheduler"],
+        "searched": run["searched"], "trials": trials, "best_trial": best, "ensemble": ensemble_report,
+        "baselines": loaded["baselines"], "note": OPTIMISM_NOTE,
+    }
+
+
+def write_report(run_dir: Path) -> dict:
+    """Write every report file; returns their paths and the report itself."""
+    run_dir = Path(run_dir)
+    loaded = load_run(run_dir)
+    report = build_report(loaded)
+    write_atomic(run_dir / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
+    write_atomic(run_dir / "trials.csv", lambda tmp: trials_table(report).to_csv(tmp, index=False))
+    plots = write_plots(run_dir, loaded, report)
+    write_atomic(run_dir / "report.md", lambda tmp: Path(tmp).write_text(markdown(report, plots)))
+    return {"report": report, "report_md": run_dir / "report.md", "report_json": run_dir / "report.json", "plots": plots}
+
+
+def trials_table(report: dict) -> pd.DataFrame:
+    """One flat row per trial: params as columns, per-fold RMSEs as columns."""
+    rows = []
+    for t in report["trials"]:
+        row = {"trial_id": t["trial_id"], "status": t["status"], "eval_points": t["eval_points"],
+               "cv_rmse_best": t["cv_rmse_best"], "cv_rmse_last": t["cv_rmse_last"]}
+        row.update({f"param.{k}": v for k, v in t["params"].items()})
+        for which in ("best", "last"):
+            for fold, value in enumerate(t["fold_rmse_" + which] or []):
+                row[f"fold_{fold}_rmse_{which}"] = value
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e-2 else f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown(report: dict, plots: dict[str, str]) -> str:
+    searched = report["searched"]
+    lines = [
+        f"# CV report: {report['run']}", "",
+        f"{report['rows']} rows, {report['num_folds']} folds, {report['num_points']} evaluation points per trial, "
+        f"scheduler {report['scheduler']}. RMSEs are pooled over all out-of-fold rows unless marked per fold.", "",
+        "## Leaderboard", "",
+        "| trial | " + " | ".join(searched) + " | status | points | CV RMSE (best point) | CV RMSE (last point) | "
+        "per-fold RMSE (best) | fold mean ± std |",
+        "|" + "---|" * (len(searched) + 7),
+    ]
+    for t in report["trials"]:
+        per_fold = " / ".join(f"{v:.3f}" for v in t["fold_rmse_best"]) if t["fold_rmse_best"] else "-"
+        spread = (f"{t['fold_rmse_best_mean']:.4f} ± {t['fold_rmse_best_std']:.4f}" if t.get("fold_rmse_best_mean") is not None else "-")
+        status = t["status"] + (f" ({t['error']})" if t["error"] else "")
+        lines.append(
+            f"| {t['trial_id']} | " + " | ".join(_fmt(t["params"].get(k)) for k in searched)
+            + f" | {status} | {t['eval_points']} | {_fmt(t['cv_rmse_best'])} | {_fmt(t['cv_rmse_last'])} | {per_fold} | {spread} |"
+        )
+    best = next((t for t in report["trials"] if t["trial_id"] == report["best_trial"]), None)
+    lines += ["", "## Best trial", ""]
+    if best:
+        lines.append(f"**{best['trial_id']}** ({best['status']}): CV RMSE {_fmt(best['cv_rmse_best'])} at the best point, "
+                     f"{_fmt(best['cv_rmse_last'])} at the last point; params {best['params']}.")
+    else:
+        lines.append("No trial produced predictions.")
+    ens = report["ensemble"]
+    lines += ["", "## Seed ensemble", ""]
+    if ens["cv_rmse"] is not None:
+        lines.append(f"Average of the OOF predictions of the top {len(ens['trials'])} finished trial(s) "
+                     f"({', '.join(ens['trials'])}): CV RMSE {_fmt(ens['cv_rmse'])} (best points), "
+                     f"{_fmt(ens['cv_rmse_last'])} (last points).")
+    else:
+        lines.append("No finished trial to ensemble.")
+    lines += ["", "## Baselines on the same folds", "", "| baseline | CV RMSE | per-fold RMSE |", "|---|---|---|"]
+    names = {"mean": "predict the training folds' mean", "tfidf_ridge": "TF-IDF (1-2 grams) + ridge"}
+    for key, value in report["baselines"].items():
+        lines.append(f"| {names.get(key, key)} | {value['cv_rmse']:.4f} | {' / '.join(f'{v:.3f}' for v in value['fold_rmse'])} |")
+    lines += ["", f"Note: {report['note']}", "", "## Plots", ""]
+    lines += [f"![{title}]({name})" for title, name in plots.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(run_dir: Path, loaded: dict, report: dict) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = {}
+    trials = {t["trial_id"]: t for t in report["trials"]}
+
+    def save(fig, name: str, title: str):
+        write_atomic(run_dir / name, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+        plt.close(fig)
+        plots[title] = name
+
+    # Predicted versus target: the best trial and the ensemble.
+    panels = []
+    if report["best_trial"]:
+        panels.append((f"best trial {report['best_trial']}", loaded["oofs"][report["best_trial"]]))
+    if report["ensemble"]["trials"]:
+        panels.append((f"ensemble of {len(report['ensemble']['trials'])}", ensemble([loaded["oofs"][m] for m in report["ensemble"]["trials"]])))
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.6), squeeze=False)
+        for ax, (title, oof) in zip(axes[0], panels):
+            ax.scatter(oof["target"], oof["pred_best"], s=6, alpha=0.5)
+            low, high = oof["target"].min(), oof["target"].max()
+            ax.plot([low, high], [low, high], color="black", linewidth=1)
+            ax.set(title=f"{title}: RMSE {rmse(oof, 'pred_best'):.4f}", xlabel="target", ylabel="out-of-fold prediction (best point)")
+        save(fig, "pred_vs_target.png", "Predicted versus target")
+
+    # Pooled RMSE versus evaluation point for every trial; an x marks where ASHA stopped a trial.
+    if loaded["curves"]:
+        fig, ax = plt.subplots(figsize=(7, 4.6))
+        for trial_id, curve in sorted(loaded["curves"].items()):
+            line, = ax.plot(curve["eval_point"], curve["cv_rmse"], marker=".", label=trial_id)
+            if trials.get(trial_id, {}).get("status") == "stopped":
+                ax.plot(curve["eval_point"].iloc[-1], curve["cv_rmse"].iloc[-1], "x", color=line.get_color(), markersize=10)
+        for name, value in report["baselines"].items():
+            ax.axhline(value["cv_rmse"], linestyle="--", color="grey", linewidth=1)
+            ax.annotate(name, (1, value["cv_rmse"]), fontsize=8, color="grey")
+        ax.set(xlabel="evaluation point", ylabel="pooled OOF RMSE (cv_rmse)", title="Trials over evaluation points (x: stopped by ASHA)")
+        if len(loaded["curves"]) <= 12:
+            ax.legend(fontsize=7)
+        save(fig, "cv_rmse_curves.png", "Pooled RMSE versus evaluation point")
+
+    # RMSE by searched hyperparameter.
+    scored = [t for t in report["trials"] if t["cv_rmse_best"] is not None]
+    if report["searched"] and scored:
+        keys = report["searched"]
+        fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.8), squeeze=False)
+        for ax, key in zip(axes[0], keys):
+            for status, marker in (("finished", "o"), ("stopped", "x")):
+                points = [(t["params"].get(key), t["cv_rmse_best"]) for t in scored if t["status"] == status]
+                if points:
+                    ax.scatter(*zip(*points), marker=marker, label=status)
+            values = [t["params"].get(key) for t in scored if isinstance(t["params"].get(key), (int, float))]
+            if values and min(values) > 0 and max(values) / min(values) > 20:
+                ax.set_xscale("log")
+            ax.set(xlabel=key, ylabel="CV RMSE (best point)")
+            ax.legend(fontsize=7)
+        save(fig, "rmse_by_param.png", "RMSE by searched hyperparameter")
+    return plots
+

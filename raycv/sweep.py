@@ -1,0 +1,213 @@
+"""The search: Ray Tune trials (one hyperparameter set each) scheduled by ASHA on the pooled CV RMSE.
+
+    raycv tune search_spaces/base.yaml [--address auto]
+
+Ray 2.60's Train-inside-Tune pattern: `train_driver_fn` is the Tune trial; it runs a `TorchTrainer`
+with one worker per fold (`worker.train_fn_per_worker`) and forwards rank 0's reports to Tune through
+`TuneReportCallback`. Named `sweep` so it is not confused with `ray.tune`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from raycv import RaycvError, write_atomic
+from raycv.config import Config, dump_yaml, to_param_space
+
+TRIAL_DRIVER_CPU = 0.25  # the Tune trial's own actor; the fold workers reserve their own resources
+
+
+def train_driver_fn(params: dict, base_config: dict, encoded, num_points: int) -> None:
+    """One Tune trial: this hyperparameter set's `num_folds` fold workers in one TorchTrainer."""
+    from ray import tune
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raycv.worker import train_fn_per_worker
+
+    config = Config.model_validate(base_config).with_overrides(params)
+    trial_id = tune.get_context().get_trial_id()
+    gpus = float(config.resources.gpus_per_fold)
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={
+            "config": config.to_dict(), "encoded": encoded, "trial_id": trial_id,
+            "num_points": num_points, "checkpoint_every": config.run.checkpoint_every,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=config.data.num_folds,
+            use_gpu=gpus > 0,
+            resources_per_worker={"CPU": config.resources.cpus_per_fold, **({"GPU": gpus} if gpus > 0 else {})},
+        ),
+        run_config=RunConfig(
+            name=f"train_{trial_id}",
+            storage_path=config.run.storage_path,
+            callbacks=[TuneReportCallback()],
+            failure_config=FailureConfig(max_failures=config.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.run.checkpoints_to_keep),
+            # Ray Train logs every report and checkpoint at INFO; raycv's own progress line says what matters.
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    trainer.fit()
+
+
+def start_ray(address: str | None) -> bool:
+    """Join the cluster at `address` (or RAY_ADDRESS); else start a local Ray. True if we started it."""
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise RaycvError(f"cannot join the Ray cluster at {address}: {str(exc).splitlines()[0]}") from None
+        print(f"joined Ray cluster at {address}; dashboard: {_dashboard_url()}")
+        return False
+    context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
+    url = f"http://{context.dashboard_url}" if context.dashboard_url else "(not running)"
+    print(f"started a local Ray for this run; dashboard: {url} (token authentication: see ~/.ray/auth_token)")
+    return True
+
+
+def _dashboard_url() -> str:
+    import ray
+
+    url = ray.get_runtime_context().gcs_address
+    try:
+        from ray._private.worker import global_worker
+
+        url = global_worker.node.address_info.get("webui_url") or url
+    except AttributeError:
+        pass
+    return f"http://{url}"
+
+
+def plan_resources(config: Config, joined: bool) -> tuple[float, int]:
+    """GPUs per fold (resolving auto) and concurrent trials, from what the cluster holds now."""
+    import ray
+
+    available = ray.cluster_resources()
+    cpus, gpus_total = available.get("CPU", 0), available.get("GPU", 0)
+    folds = config.data.num_folds
+    gpus = config.resources.gpus_per_fold
+    gpus = (1.0 if gpus_total > 0 else 0.0) if gpus == "auto" else float(gpus)
+    cpu_need = folds * config.resources.cpus_per_fold + TRIAL_DRIVER_CPU
+    gpu_need = folds * gpus
+    short = []
+    if cpu_need > cpus:
+        short.append(f"{cpu_need:g} CPUs ({folds} folds x resources.cpus_per_fold {config.resources.cpus_per_fold:g} + {TRIAL_DRIVER_CPU} for the trial), the cluster has {cpus:g}")
+    if gpu_need > gpus_total:
+        short.append(f"{gpu_need:g} GPUs ({folds} folds x resources.gpus_per_fold {gpus:g}), the cluster has {gpus_total:g}")
+    if short and not joined:
+        raise RaycvError(f"one trial needs {'; and '.join(short)}; lower resources.cpus_per_fold / gpus_per_fold or join a cluster with --address")
+    if short:
+        print(f"waiting for the autoscaler: one trial needs {'; '.join(short)}")
+    fits = [math.floor(cpus / cpu_need)] + ([math.floor(gpus_total / gpu_need)] if gpu_need else [])
+    concurrent = config.run.max_concurrent_trials or max(1, min(fits))
+    return gpus, concurrent
+
+
+def run_sweep(config: Config, address: str | None = None) -> int:
+    from raycv.collect import compute_baselines
+    from raycv.data import encode_folds
+    from raycv.train_fold import num_eval_points
+
+    output_dir = Path(config.run.output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise RaycvError(
+            f"{output_dir} already holds a run; choose another with run.name=NAME (or run.output_dir=DIR), "
+            f"or rebuild its report with: raycv report {output_dir}"
+        )
+    table, tokens, pad_id = encode_folds(config)  # bad data fails here, before Ray starts
+    train_sizes = [int((table["fold"] != k).sum()) for k in range(config.data.num_folds)]
+    num_points = min(num_eval_points(config.train, n) for n in train_sizes)
+    max_t = config.scheduler.max_t or num_points
+    if max_t > num_points:
+        raise RaycvError(f"scheduler.max_t is {max_t} but a trial has only {num_points} evaluation points; lower it")
+    if config.scheduler.grace_period > max_t:
+        raise RaycvError(f"scheduler.grace_period {config.scheduler.grace_period} exceeds the {max_t} evaluation points of a trial")
+
+    started = start_ray(address)
+    try:
+        gpus, concurrent = plan_resources(config, joined=not started)
+        config.resources.gpus_per_fold = gpus
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(output_dir / "resolved_config.yaml", lambda tmp: Path(tmp).write_text(dump_yaml(config)))
+        write_atomic(output_dir / "folds.csv", lambda tmp: table[["id", "fold", "target"]].to_csv(tmp, index=False))
+        write_atomic(output_dir / "baselines.json", lambda tmp: Path(tmp).write_text(json.dumps(compute_baselines(table), indent=2)))
+        print(f"raycv tune {config.run.name}: {len(table)} rows, {config.data.num_folds} folds "
+              f"({'/'.join(str(len(table) - n) for n in train_sizes)} validation rows), {num_points} evaluation points "
+              f"per trial, batch {config.train.batch_size}, {gpus:g} GPU + {config.resources.cpus_per_fold:g} CPU per fold, "
+              f"up to {concurrent} trial(s) at a time; output {output_dir}")
+        results = _fit(config, (table[["id", "target", "fold"]], tokens, pad_id), num_points, max_t, concurrent)
+        return _finish(config, results, num_points, max_t)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def _fit(config: Config, encoded, num_points: int, max_t: int, concurrent: int):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if config.scheduler.type == "asha":
+        scheduler = ASHAScheduler(
+            time_attr="eval_point", max_t=max_t, grace_period=config.scheduler.grace_period,
+            reduction_factor=config.scheduler.reduction_factor,
+        )
+    else:
+        scheduler = FIFOScheduler()
+    trainable = tune.with_parameters(
+        train_driver_fn, base_config=config.to_dict(), encoded=encoded, num_points=num_points
+    )
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPU}),
+        param_space=to_param_space(config),
+        tune_config=tune.TuneConfig(
+            metric="cv_rmse", mode="min", num_samples=config.search.num_samples, scheduler=scheduler,
+            max_concurrent_trials=concurrent,
+            trial_name_creator=lambda trial: trial.trial_id, trial_dirname_creator=lambda trial: trial.trial_id,
+        ),
+        run_config=tune.RunConfig(
+            name="tune", storage_path=config.run.storage_path, verbose=1,
+            stop={"eval_point": max_t}, failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
+    return tuner.fit()
+
+
+def _finish(config: Config, results, num_points: int, max_t: int) -> int:
+    from raycv.collect import gather_trials, prune_fold_checkpoints
+    from raycv.report import write_report
+
+    output_dir = Path(config.run.output_dir)
+    trials = gather_trials(results, config, max_t)
+    write_atomic(
+        output_dir / "run.json",
+        lambda tmp: Path(tmp).write_text(json.dumps(
+            {"name": config.run.name, "num_points": num_points, "max_t": max_t, "scheduler": config.scheduler.type,
+             "searched": list(config.search.params), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+             "trials": trials}, indent=2)),
+    )
+    paths = write_report(output_dir)
+    prune_fold_checkpoints(config, paths["report"])
+    report = paths["report"]
+    best = report.get("best_trial")
+    counts = {s: sum(t["status"] == s for t in report["trials"]) for s in ("finished", "stopped", "error")}
+    print(f"trials: {len(report['trials'])} ({counts['finished']} finished, {counts['stopped']} stopped by ASHA, {counts['error']} errors)")
+    if best:
+        row = next(t for t in report["trials"] if t["trial_id"] == best)
+        print(f"best trial {best}: cv_rmse_best {row['cv_rmse_best']:.4f}, cv_rmse_last {row['cv_rmse_last']:.4f}, params {row['params']}")
+    if report["ensemble"].get("cv_rmse") is not None:
+        print(f"seed ensemble of {len(report['ensemble']['trials'])} trials: cv_rmse {report['ensemble']['cv_rmse']:.4f}")
+    print(f"report: {paths['report_md']}")
+    return 0 if counts["finished"] + counts["stopped"] > 0 else 1
+

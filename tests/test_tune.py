@@ -1,0 +1,155 @@
+"""`raycv tune` end to end on a real local Ray, the real data and the shipped smoke space.
+
+One run (about 3 minutes on 2 cores) serves every test here. The run is a subprocess with a hard time
+limit; on a timeout its whole process group is killed and the test fails instead of hanging CI.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(1500)]
+
+RUN_LIMIT_S = 1200
+
+
+def run_raycv(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raycv.cli", *args], cwd=cwd, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True, timeout=60)
+        pytest.fail(f"raycv {' '.join(args)} ran past {timeout} s\n{out[-3000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, train_csv):
+    cwd = tmp_path_factory.mktemp("smoke")
+    # spaces/smoke.yaml does not exist here: it must resolve to the bundled search_spaces/smoke.yaml.
+    proc = run_raycv(["tune", "spaces/smoke.yaml", f"data.path={train_csv}"], cwd=cwd, timeout=RUN_LIMIT_S)
+    run_dir = cwd / "runs" / "smoke"
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    return {"proc": proc, "cwd": cwd, "run_dir": run_dir, "report": json.loads((run_dir / "report.json").read_text())}
+
+
+def pooled_rmse(frame: pd.DataFrame, column: str) -> float:
+    return float(np.sqrt(np.mean((frame[column].to_numpy() - frame["target"].to_numpy()) ** 2)))
+
+
+def test_run_prints_dashboard_summary_and_report_path(smoke_run):
+    out = smoke_run["proc"].stdout
+    assert "dashboard: http://127.0.0.1:" in out
+    assert "trials: 4 (" in out
+    assert f"report: {smoke_run['run_dir'] / 'report.md'}" in out
+    assert "| cv_rmse " in smoke_run["proc"].stdout + smoke_run["proc"].stderr  # per-point progress lines
+
+
+def test_report_has_one_row_per_trial(smoke_run):
+    report, run_dir = smoke_run["report"], smoke_run["run_dir"]
+    ids = [t["trial_id"] for t in report["trials"]]
+    assert len(ids) == 4 == len(set(ids))  # search.num_samples 2 x a grid of 2 learning rates
+    assert sorted(pd.read_csv(run_dir / "trials.csv")["trial_id"]) == sorted(ids)
+    leaderboard = [line for line in (run_dir / "report.md").read_text().splitlines() if line.startswith("| ") and line.split(" | ")[0][2:] in ids]
+    assert len(leaderboard) == 4
+    assert sorted({t["params"]["train.lr"] for t in report["trials"]}) == [1e-4, 3e-3]
+    for name in ("pred_vs_target.png", "cv_rmse_curves.png", "rmse_by_param.png", "folds.csv", "resolved_config.yaml"):
+        assert (run_dir / name).stat().st_size > 0, name
+
+
+def test_report_rmses_equal_those_recomputed_from_oof_files(smoke_run):
+    report, run_dir = smoke_run["report"], smoke_run["run_dir"]
+    for trial in report["trials"]:
+        oof = pd.read_csv(run_dir / "oof" / f"{trial['trial_id']}.csv")
+        assert trial["cv_rmse_best"] == pytest.approx(pooled_rmse(oof, "pred_best"), abs=1e-9)
+        assert trial["cv_rmse_last"] == pytest.approx(pooled_rmse(oof, "pred_last"), abs=1e-9)
+        per_fold = [pooled_rmse(oof[oof["fold"] == k], "pred_best") for k in range(3)]
+        assert trial["fold_rmse_best"] == pytest.approx(per_fold, abs=1e-9)
+    members = report["ensemble"]["trials"]
+    assert len(members) == 2
+    oofs = [pd.read_csv(run_dir / "oof" / f"{m}.csv").set_index("id").sort_index() for m in members]
+    mixed = oofs[0].assign(pred_best=(oofs[0]["pred_best"] + oofs[1]["pred_best"]) / 2)
+    assert report["ensemble"]["cv_rmse"] == pytest.approx(pooled_rmse(mixed, "pred_best"), abs=1e-9)
+
+
+def test_tune_ranked_on_the_pooled_rmse_of_all_folds(smoke_run):
+    """What ASHA saw (Tune's own result records) is the RMSE over every fold's rows, not fold 0's."""
+    report, run_dir = smoke_run["report"], smoke_run["run_dir"]
+    finished = [t for t in report["trials"] if t["status"] == "finished"]
+    assert finished
+    for trial in finished:
+        records = [json.loads(line) for line in (run_dir / "ray" / "tune" / trial["trial_id"] / "result.json").read_text().splitlines()]
+        last = records[-1]
+        oof = pd.read_csv(run_dir / "oof" / f"{trial['trial_id']}.csv")
+        assert last["eval_point"] == report["num_points"]
+        assert last["cv_rmse"] == pytest.approx(pooled_rmse(oof, "pred_last"), abs=1e-9)
+        assert last["cv_rmse_best"] == pytest.approx(pooled_rmse(oof, "pred_best"), abs=1e-9)
+        assert last["fold_0_rmse"] == pytest.approx(pooled_rmse(oof[oof["fold"] == 0], "pred_last"), abs=1e-9)
+        assert last["cv_rmse"] != pytest.approx(last["fold_0_rmse"], abs=1e-6)
+
+
+def test_every_trial_oof_covers_every_row_once(smoke_run):
+    run_dir = smoke_run["run_dir"]
+    folds = pd.read_csv(run_dir / "folds.csv", dtype={"id": str}).set_index("id")
+    assert len(folds) == 450
+    for trial in smoke_run["report"]["trials"]:
+        oof = pd.read_csv(run_dir / "oof" / f"{trial['trial_id']}.csv", dtype={"id": str})
+        assert len(oof) == len(folds) and oof["id"].is_unique
+        assert set(oof["id"]) == set(folds.index)
+        assert (oof.set_index("id")["fold"] == folds.loc[oof["id"], "fold"]).all()
+        assert oof[["pred_best", "pred_last"]].notna().all().all()
+
+
+def test_asha_stopped_the_slow_learning_rate(smoke_run):
+    report = smoke_run["report"]
+    stopped = [t for t in report["trials"] if t["status"] == "stopped"]
+    finished = [t for t in report["trials"] if t["status"] == "finished"]
+    assert stopped and finished
+    assert all(t["eval_points"] < report["max_t"] for t in stopped)
+    assert all(t["eval_points"] == report["max_t"] for t in finished)
+    assert all(t["params"]["train.lr"] == 1e-4 for t in stopped)
+    best = next(t for t in report["trials"] if t["trial_id"] == report["best_trial"])
+    assert best["status"] == "finished"
+    assert best["cv_rmse_best"] < report["baselines"]["mean"]["cv_rmse"]
+
+
+def test_only_the_best_trial_keeps_fold_checkpoints(smoke_run):
+    run_dir, report = smoke_run["run_dir"], smoke_run["report"]
+    for trial in report["trials"]:
+        kept = list((run_dir / "ray" / f"train_{trial['trial_id']}").glob("point_*/fold_*.pt"))
+        if trial["trial_id"] == report["best_trial"]:
+            assert sorted(p.name for p in kept) == ["fold_0.pt", "fold_1.pt", "fold_2.pt"]
+        else:
+            assert kept == []
+
+
+def test_raycv_report_rebuilds_the_same_report(smoke_run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(smoke_run["run_dir"], copy, ignore=shutil.ignore_patterns("ray"))
+    for name in ("report.json", "report.md", "trials.csv", "pred_vs_target.png", "cv_rmse_curves.png", "rmse_by_param.png"):
+        (copy / name).unlink()
+    proc = run_raycv(["report", str(copy)], cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((copy / "report.json").read_text()) == smoke_run["report"]
+    assert (copy / "report.md").read_text() == (smoke_run["run_dir"] / "report.md").read_text()
+    assert (copy / "cv_rmse_curves.png").stat().st_size > 0
+
+
+def test_second_run_into_the_same_directory_is_refused(smoke_run, train_csv):
+    proc = run_raycv(["tune", "spaces/smoke.yaml", f"data.path={train_csv}"], cwd=smoke_run["cwd"], timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "already holds a run" in proc.stderr
