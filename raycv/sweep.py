@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -32,6 +33,9 @@ def train_driver_fn(params: dict, base_config: dict, encoded, num_points: int) -
 
     config = Config.model_validate(base_config).with_overrides(params)
     trial_id = tune.get_context().get_trial_id()
+    # The dashboard's Train view lists this trial as the Train run "train_<trial id>", its workers by world
+    # rank -- the fold index. Ray Train records that state only when asked to.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     gpus = float(config.resources.gpus_per_fold)
     trainer = TorchTrainer(
         train_fn_per_worker,
@@ -58,34 +62,50 @@ def train_driver_fn(params: dict, base_config: dict, encoded, num_points: int) -
 
 
 def start_ray(address: str | None) -> bool:
-    """Join the cluster at `address` (or RAY_ADDRESS); else start a local Ray. True if we started it."""
+    """Join the cluster at `address` (or RAY_ADDRESS); else start a local Ray. True if we started it.
+
+    Token authentication stays on: Ray 2.60 enables it for a new local Ray and for address="auto" when a
+    token exists; for an explicit address we do the same (RAY_AUTH_MODE=token when a token is available)."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and "RAY_AUTH_MODE" not in os.environ and _token_available():
+        os.environ["RAY_AUTH_MODE"] = "token"
     import ray
 
-    address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        _check_reachable(address)
         try:
-            ray.init(address=address, log_to_driver=True)
+            context = ray.init(address=address)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise RaycvError(f"cannot join the Ray cluster at {address}: {str(exc).splitlines()[0]}") from None
-        print(f"joined Ray cluster at {address}; dashboard: {_dashboard_url()}")
+            raise RaycvError(f"cannot join the Ray cluster at {address}: {str(exc).strip().splitlines()[-1]}") from None
+        print(f"joined the Ray cluster at {address}; dashboard: {_url(context.dashboard_url)}", flush=True)
         return False
     context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
-    url = f"http://{context.dashboard_url}" if context.dashboard_url else "(not running)"
-    print(f"started a local Ray for this run; dashboard: {url} (token authentication: see ~/.ray/auth_token)")
+    print(f"started a local Ray for this run; dashboard: {_url(context.dashboard_url)} "
+          f"(token authentication: the token is in ~/.ray/auth_token)", flush=True)
     return True
 
 
-def _dashboard_url() -> str:
-    import ray
-
-    url = ray.get_runtime_context().gcs_address
+def _check_reachable(address: str) -> None:
+    """Fail fast on a host:port nobody listens on: ray.init would retry it for minutes."""
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not port.isdigit():
+        return  # "auto", ray://..., or a form Ray resolves itself
     try:
-        from ray._private.worker import global_worker
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as exc:
+        raise RaycvError(f"cannot join the Ray cluster at {address}: nothing answers there ({exc.strerror or exc}); "
+                         "start it with `ray start --head` or check --address") from None
 
-        url = global_worker.node.address_info.get("webui_url") or url
-    except AttributeError:
-        pass
-    return f"http://{url}"
+
+def _token_available() -> bool:
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token"
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or Path(path).is_file()
+
+
+def _url(dashboard_url: str | None) -> str:
+    if not dashboard_url:
+        return "(no dashboard)"
+    return dashboard_url if "://" in dashboard_url else f"http://{dashboard_url}"
 
 
 def plan_resources(config: Config, joined: bool) -> tuple[float, int]:

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from raycv.config import Config
+from raycv.metrics import FoldMetrics
 from raycv.train_fold import EvalPoint, FoldData, format_progress, split_fold, train_fold
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,9 @@ def train_fn_per_worker(loop_config: dict) -> None:
     trial_id, num_points = loop_config["trial_id"], loop_config["num_points"]
     checkpoint_every = loop_config["checkpoint_every"]
     device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # one GPU per fold; NCCL's all_gather_object uses the current device
+    fold_metrics = FoldMetrics(config.run.name, trial_id, fold)
 
     state = None
     checkpoint = ray.train.get_checkpoint()
@@ -104,11 +108,16 @@ def train_fn_per_worker(loop_config: dict) -> None:
                 "pred_best": point.best_preds.tolist(), "pred_last": point.preds.tolist()}
         gathered = [None] * world
         dist.all_gather_object(gathered, {"fold": fold, "rows": rows, "samples_per_s": point.samples_per_s})
-        metrics = {"eval_point": point.index, "num_points": point.num_points, "step": point.step,
-                   "epoch": point.epoch, "train_loss": point.train_loss}
+        progress = {"eval_point": point.index, "train_loss": point.train_loss, "step": point.step,
+                    "epoch": point.epoch, "num_points": point.num_points}
+        metrics = progress
+        fold_metrics.record_fold(point.val_rmse, point.samples_per_s, point.index, device)
         if fold == 0:
             pooled = pool(gathered)
-            metrics.update(pooled["metrics"])
+            fold_metrics.record_pooled(pooled["metrics"]["cv_rmse"], pooled["metrics"]["cv_rmse_best"])
+            # cv_rmse first: Tune's live table shows the first four metrics of a result.
+            metrics = {"cv_rmse": pooled["metrics"]["cv_rmse"], "cv_rmse_best": pooled["metrics"]["cv_rmse_best"],
+                       **progress, **pooled["metrics"]}
             curve_rows.append({k: v for k, v in metrics.items() if k != "num_points"})
             files = trial_files(trial_id)
             write_to_storage(config.run.storage_path, files["oof"], pooled["oof"].to_csv(index=False))

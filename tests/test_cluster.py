@@ -1,0 +1,224 @@
+"""Running on a Ray cluster: cluster.yaml passes Ray's own validation and keeps the security settings; a
+real head (`ray start --head`, token authentication on) takes the smoke run as a Ray job and through
+`raycv tune --address`, and raycv's metrics appear on the node's Prometheus endpoint.
+
+Every command here has a hard time limit; the head is stopped at the end whatever happens.
+"""
+
+import copy
+import json
+import os
+import re
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER_YAML = REPO / "cluster.yaml"
+SMALL = ["search.num_samples=1", "train.epochs=3"]  # 2 trials (the smoke grid), 3 evaluation points each
+
+
+# ---------------------------------------------------------------- cluster.yaml (no Ray started)
+
+
+def load_cluster_yaml() -> dict:
+    return yaml.safe_load(CLUSTER_YAML.read_text())
+
+
+def test_cluster_yaml_passes_ray_validation():
+    """The checks `ray up` runs before it launches anything: defaults filled in, then the JSON schema."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(load_cluster_yaml()))
+
+
+def test_ray_validation_rejects_a_broken_edit():
+    from jsonschema import ValidationError
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    broken = load_cluster_yaml()
+    broken["available_node_types"]["gpu"]["max_worker"] = 4
+    with pytest.raises(ValidationError):
+        validate_config(prepare_config(broken))
+
+
+def test_cluster_yaml_security_settings():
+    config = load_cluster_yaml()
+    text = CLUSTER_YAML.read_text()
+    assert "0.0.0.0" not in re.sub(r"#.*", "", text), "nothing may listen on or be opened to every address"
+    # Every node in the user's own security group, so the launcher never creates one with SSH from anywhere.
+    groups = {tuple(t["node_config"]["SecurityGroupIds"]) for t in config["available_node_types"].values()}
+    assert len(groups) == 1 and all(groups)
+    assert "security_group" not in config["provider"]
+    # Token authentication on every node, the token file mounted to every node.
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in cmd for cmd in starts if "ray start" in cmd)
+    assert sum("ray start" in cmd for cmd in starts) == 2
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    # The dashboard (and with it the Jobs API) on the head's loopback only.
+    head_start = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start
+    assert "--metrics-export-port=" in head_start
+
+
+def test_cluster_yaml_installs_this_raycv_and_ray_version():
+    import ray
+
+    config = load_cluster_yaml()
+    setup = " ".join(config["setup_commands"])
+    assert config["file_mounts"]["~/raycv"] == "."
+    assert "-e ~/raycv" in setup and "torch>=2.4,<3" in setup
+    pinned = re.search(r'"ray\[[^\]]*\]==([\d.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    assert pinned == ray.__version__
+    gpu = config["available_node_types"]["gpu"]
+    assert gpu["node_config"]["InstanceType"].startswith(("g5.", "g6.", "g6e.", "p4", "p5"))
+    assert config["available_node_types"]["head"]["resources"] == {"GPU": 0}
+    assert config["available_node_types"]["gpu_spot"]["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
+
+
+# ---------------------------------------------------------------- a real head
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """`ray start --head` as cluster.yaml starts it, with its own token file; stopped at the end."""
+    home = tmp_path_factory.mktemp("head")
+    token_path = home / "auth_token"
+    token_path.write_text(secrets.token_hex(32))
+    ports = {"gcs": free_port(), "dashboard": free_port(), "metrics": free_port()}
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
+    env.pop("RAY_ADDRESS", None)
+    ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]
+    start = subprocess.run(
+        ray_cli + ["start", "--head", f"--port={ports['gcs']}", "--dashboard-host=127.0.0.1",
+                   f"--dashboard-port={ports['dashboard']}", f"--metrics-export-port={ports['metrics']}",
+                   "--num-cpus=2", "--disable-usage-stats"],
+        env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert start.returncode == 0, start.stdout + start.stderr
+    try:
+        yield {"ports": ports, "token": token_path.read_text().strip(), "token_path": token_path, "env": env,
+               "address": f"127.0.0.1:{ports['gcs']}", "dashboard": f"http://127.0.0.1:{ports['dashboard']}"}
+    finally:
+        subprocess.run(ray_cli + ["stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def raycv_metrics(metrics_port: int) -> dict[str, list[tuple[dict, float]]]:
+    """raycv's series on the node's Prometheus endpoint: name -> [(labels, value)]."""
+    try:
+        text = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    except requests.RequestException:
+        return {}
+    found: dict[str, list] = {}
+    for line in text.splitlines():
+        match = re.match(r"^(ray_raycv_\w+)\{([^}]*)\} ([-\d.eE+]+)$", line)
+        if match:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2)))
+            found.setdefault(match.group(1), []).append((labels, float(match.group(3))))
+    return found
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_smoke_run_as_a_ray_job_with_metrics(head, train_csv, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    # Token authentication is on: without the token the Jobs API refuses.
+    assert requests.get(f"{head['dashboard']}/api/jobs/", timeout=30).status_code in (401, 403)
+    client = JobSubmissionClient(head["dashboard"], headers={"Authorization": f"Bearer {head['token']}"})
+    out_dir = tmp_path / "job_run"
+    entrypoint = (f"raycv tune search_spaces/smoke.yaml data.path={train_csv} run.name=job "
+                  f"run.output_dir={out_dir} " + " ".join(SMALL))
+    runtime_env = {"working_dir": str(REPO), "excludes": [".venv", ".git", "runs", ".pytest_cache"]}
+    submit_deadline = time.monotonic() + 120
+    while True:  # a head that has just started may have no job agent yet
+        try:
+            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+            break
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > submit_deadline:
+                raise
+            time.sleep(2)
+    deadline, metrics = time.monotonic() + 720, {}
+    while time.monotonic() < deadline:
+        status = client.get_job_status(job_id)
+        for name, series in raycv_metrics(head["ports"]["metrics"]).items():
+            metrics.setdefault(name, []).extend(series)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            break
+        time.sleep(3)
+    logs = client.get_job_logs(job_id)
+    assert status == JobStatus.SUCCEEDED, f"job {status}:\n{logs[-5000:]}"
+
+    # The Jobs view lists the job with its entrypoint and logs; the logs name the report, which exists.
+    listed = {job.submission_id: job for job in client.list_jobs()}
+    assert listed[job_id].entrypoint.startswith("raycv tune search_spaces/smoke.yaml")
+    assert f"report: {out_dir / 'report.md'}" in logs
+    report = json.loads((out_dir / "report.json").read_text())
+    assert len(report["trials"]) == 2
+
+    # raycv's own metrics reached the node's Prometheus endpoint with sensible values.
+    for name in ("ray_raycv_cv_rmse", "ray_raycv_cv_rmse_best", "ray_raycv_fold_rmse",
+                 "ray_raycv_train_samples_per_second", "ray_raycv_eval_points"):
+        assert metrics.get(name), f"{name} never appeared; saw {sorted(metrics)}"
+    assert all(0.3 < value < 3.0 for _, value in metrics["ray_raycv_cv_rmse"])
+    assert {labels["fold"] for labels, _ in metrics["ray_raycv_fold_rmse"]} == {"0", "1", "2"}
+    assert {labels["run"] for labels, _ in metrics["ray_raycv_cv_rmse"]} == {"job"}
+    assert all(value > 0 for _, value in metrics["ray_raycv_train_samples_per_second"])
+    assert max(value for _, value in metrics["ray_raycv_eval_points"]) >= 1
+    trial_ids = {t["trial_id"] for t in report["trials"]}
+    assert {labels["trial"] for labels, _ in metrics["ray_raycv_cv_rmse"]} <= trial_ids
+
+    # The dashboard's Train view: each trial is a Train run named after its trial id, with one worker per
+    # fold, listed by world rank (= fold index).
+    response = requests.get(f"{head['dashboard']}/api/train/v2/runs/v1", timeout=60,
+                            headers={"Authorization": f"Bearer {head['token']}"})
+    assert response.status_code == 200, response.text[:500]
+    runs = {run["name"]: run for run in response.json()["train_runs"]}
+    for trial_id in trial_ids:
+        attempt = runs[f"train_{trial_id}"]["attempts"][-1]
+        assert sorted(worker["world_rank"] for worker in attempt["workers"]) == [0, 1, 2]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_raycv_tune_joins_a_running_cluster(head, train_csv, tmp_path):
+    env = {k: v for k, v in head["env"].items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    out_dir = tmp_path / "joined_run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "raycv.cli", "tune", "--address", head["address"], "spaces/smoke.yaml",
+         f"data.path={train_csv}", "run.name=joined", f"run.output_dir={out_dir}", *SMALL],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=720,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert f"joined the Ray cluster at {head['address']}" in proc.stdout
+    assert (out_dir / "report.md").is_file()
+    # raycv joined the cluster and left it running: the head still answers.
+    status = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "status", f"--address={head['address']}"],
+                            env=head["env"], capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stderr
+
+
+def test_joining_a_cluster_that_is_not_there_is_one_line_and_status_2(tmp_path, train_csv):
+    proc = subprocess.run(
+        [sys.executable, "-m", "raycv.cli", "tune", "--address", f"127.0.0.1:{free_port()}", "spaces/smoke.yaml",
+         f"data.path={train_csv}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("raycv: error: cannot join the Ray cluster")
+    assert not (tmp_path / "runs").exists()
