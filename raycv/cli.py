@@ -69,7 +69,15 @@ def build_parser() -> Parser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        # argparse hands a key=value given after an option (`--fold 0 train.lr=3e-5`) back as unrecognised;
+        # those are overrides too, in command-line order.
+        args, extra = parser.parse_known_args(argv)
+        unknown = [item for item in extra if item.startswith("-") or "=" not in item or not hasattr(args, "overrides")]
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        if extra:
+            args.overrides = args.overrides + extra
         from raycv import commands
 
         return getattr(commands, args.command.replace("-", "_"))(args) or 0

@@ -340,11 +340,31 @@ SEARCHABLE -= {"data.path", "data.num_folds", "data.fold_seed", "data.max_rows",
                "data.id_column", "data.text_column", "data.target_column"}
 
 
+def _error_key(err) -> str:
+    """The dotted key of a pydantic error, without the backbone's type tag."""
+    loc = [str(part) for part in err["loc"]]
+    return ".".join(p for i, p in enumerate(loc) if not (i and loc[i - 1] == "backbone" and p in BACKBONE_TYPES))
+
+
+def _signature(err) -> tuple:
+    return _error_key(err), err["type"], err["msg"]
+
+
+def _concerns(key: str, err) -> bool:
+    at = _error_key(err)
+    return at == key or at.startswith(key + ".") or key.startswith(at + ".")
+
+
 def _check_search(raw: dict) -> list[str]:
     """Every searched key exists and every value it can take is valid for that key."""
     search = raw.get("search") if isinstance(raw.get("search"), dict) else {}
     params = search.get("params") if isinstance(search.get("params"), dict) else {}
     problems = []
+    try:
+        Config.model_validate(raw)
+        file_errors = set()
+    except ValidationError as exc:
+        file_errors = {_signature(e) for e in exc.errors()}
     for key, dim_raw in params.items():
         try:
             dim = Dimension.model_validate(dim_raw)
@@ -362,7 +382,9 @@ def _check_search(raw: dict) -> list[str]:
             try:
                 Config.model_validate(trial)
             except ValidationError as exc:
-                at_key = [e for e in exc.errors() if ".".join(map(str, e["loc"])).startswith(key)]
+                # Errors at the key, or from a check of the section holding it (e.g. train's "not both"),
+                # that the file without this value does not already have.
+                at_key = [e for e in exc.errors() if _concerns(key, e) and _signature(e) not in file_errors]
                 if at_key:
                     problems += [f"{where}.{dim.kind}: value {value!r} is invalid: {line}"
                                  for line in describe_errors(ValidationError.from_exception_data(exc.title, at_key))]
