@@ -1,0 +1,233 @@
+"""The `raycv` command: validate, folds, train-fold; bad input -> one line per problem, exit status 2."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import root_mean_squared_error
+
+from raycv.cli import main
+from raycv.config import load_config
+from raycv.data import load_folds
+
+from conftest import SPACES_DIR
+
+SMOKE = str(SPACES_DIR / "smoke.yaml")
+# The smoke space's values the assertions below count on, pinned so an edit of the shipped file does not break them.
+PINNED = ["data.num_folds=3", "data.fold_seed=1000", "data.max_rows=450", "model.max_length=128", "model.pooling=cls",
+          "model.backbone={type: tiny, hidden_size: 32, num_layers: 2, num_heads: 2, intermediate_size: 64}",
+          "train.batch_size=16", "train.epochs=6", "train.evals_per_epoch=1"]
+
+
+def run(argv, capsys) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def bad_input(argv, capsys, problems: int = 1) -> list[str]:
+    """Run a command that must refuse its input; return its error lines."""
+    code, out, err = run(argv, capsys)
+    lines = err.splitlines()
+    assert code == 2, (out, err)
+    assert len(lines) == problems, err
+    assert all(line.startswith("raycv: error: ") for line in lines), err
+    assert "Traceback" not in err and "Traceback" not in out
+    return lines
+
+
+# ---------------------------------------------------------------- validate
+
+
+def test_validate_shows_rows_folds_tokens_and_parameters(train_csv, capsys):
+    code, out, err = run(["validate", SMOKE, f"data.path={train_csv}", *PINNED], capsys)
+
+    assert code == 0, err
+    config_text, report = out.split("\n---\n")
+    assert f"path: {train_csv.resolve()}" in config_text and "max_rows: 450" in config_text  # the resolved config
+    assert f"rows: 450 from {train_csv.resolve()}" in report
+    assert "folds: 3 (seed 1000), validation rows per fold: 150/150/150" in report
+    tokens = re.search(r"tokens per excerpt: mean (\d+), p90 (\d+), max (\d+); ([\d.]+)% truncated at max_length 128", report)
+    assert tokens, report
+    assert 200 < int(tokens[1]) < 235 and int(tokens[3]) > 256 and float(tokens[4]) == 100.0
+    assert re.search(r"useful-token fraction at batch 16: length-bucketed 1\.000, fixed padding 1\.000", report)
+    assert "per fold: 19 steps/epoch x 6 epochs, 6 evaluation points" in report
+    params = re.search(r"model: ([\d,]+) parameters \(tiny, pooling cls\)", report)
+    assert params and int(params[1].replace(",", "")) == expected_tiny_parameters()
+    assert report.rstrip().endswith("ok")
+
+
+def expected_tiny_parameters() -> int:
+    """smoke.yaml's tiny BERT (hidden 32, 2 layers, intermediate 64, MiniLM's 30,522 tokens) + a 33-weight head."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=512)
+    return sum(p.numel() for p in BertModel(config, add_pooling_layer=True).parameters()) + 33
+
+
+def test_validate_reports_padding_at_a_length_that_truncates_less(train_csv, capsys):
+    code, out, _ = run(["validate", SMOKE, f"data.path={train_csv}", *PINNED, "model.max_length=256", "train.batch_size=8",
+                        "--no-model"], capsys)
+    assert code == 0
+    fractions = re.search(r"length-bucketed ([\d.]+), fixed padding ([\d.]+)", out)
+    assert float(fractions[1]) > 0.99 and 0.8 < float(fractions[2]) < 0.9
+    assert "parameters" not in out.split("\n---\n")[1]
+
+
+# ---------------------------------------------------------------- folds
+
+
+def test_folds_writes_every_id_once(train_csv, tmp_path, capsys):
+    out_csv = tmp_path / "folds.csv"
+
+    code, out, err = run(["folds", SMOKE, f"data.path={train_csv}", "data.max_rows=null", "data.num_folds=5",
+                          "--out", out_csv], capsys)
+
+    assert code == 0, err
+    written = pd.read_csv(out_csv, dtype={"id": str})
+    assert list(written.columns) == ["id", "fold"]
+    assert written["id"].is_unique and sorted(written["id"]) == sorted(pd.read_csv(train_csv)["id"])
+    assert written["fold"].value_counts().sort_index().tolist() == [567, 567, 567, 567, 566]
+    assert out.strip() == f"wrote {out_csv}: 2834 rows, folds 567/567/567/567/566"
+    assert [p.name for p in tmp_path.iterdir()] == ["folds.csv"]  # no temporary file left
+
+
+# ---------------------------------------------------------------- train-fold
+
+
+def test_train_fold_writes_predictions_and_curve(train_csv, tmp_path, capsys):
+    out_dir = tmp_path / "fold0"
+
+    code, out, err = run(["train-fold", SMOKE, "--fold", "0", f"data.path={train_csv}", *PINNED, "train.epochs=2",
+                          "--out-dir", out_dir], capsys)
+
+    assert code == 0, err
+    predictions = pd.read_csv(out_dir / "predictions.csv", dtype={"id": str})
+    assert list(predictions.columns) == ["id", "fold", "target", "pred_best", "pred_last"]
+    config = load_config(SMOKE, [f"data.path={train_csv}", *PINNED])
+    table = load_folds(config.data)
+    fold0 = table[table["fold"] == 0]
+    assert len(predictions) == len(fold0) == 150
+    assert predictions["id"].tolist() == fold0["id"].tolist()
+    assert (predictions["fold"] == 0).all()
+    assert np.allclose(predictions["target"], fold0["target"])
+
+    curve = pd.read_csv(out_dir / "curve.csv")
+    assert list(curve.columns) == ["point", "step", "epoch", "train_loss", "val_rmse"]
+    assert curve["point"].tolist() == [1, 2] and curve["step"].tolist() == [19, 38]
+    # The RMSEs recomputed by hand from the written predictions.
+    assert root_mean_squared_error(predictions["target"], predictions["pred_last"]) == pytest.approx(curve["val_rmse"].iloc[-1], abs=1e-5)
+    assert root_mean_squared_error(predictions["target"], predictions["pred_best"]) == pytest.approx(curve["val_rmse"].min(), abs=1e-5)
+    resolved = load_config(out_dir / "resolved_config.yaml")
+    assert resolved.train.epochs == 2 and resolved.data.path == str(train_csv.resolve())
+
+    lines = out.splitlines()
+    progress = [line for line in lines if line.startswith("fold 0 | point ")]
+    assert len(progress) == 2
+    assert progress[0].startswith("fold 0 | point 1/2 | step 19/38 | epoch 1.00 |")
+    assert progress[1].startswith("fold 0 | point 2/2 | step 38/38 | epoch 2.00 |")
+    assert lines[0] == "fold 0: 300 training rows, 150 validation rows, batch 16, 2 epochs"
+    assert lines[-1].startswith("fold 0: best val_rmse ") and lines[-1].endswith(f"; wrote {out_dir}")
+    assert len(lines) == 4
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_an_unknown_key(train_csv, capsys, tmp_path):
+    [line] = bad_input(["validate", SMOKE, f"data.path={train_csv}", "train.lrr=1e-3"], capsys)
+    assert line == f"raycv: error: {SMOKE}: train.lrr: unknown key; did you mean train.lr?"
+
+
+def test_a_bad_override_value(train_csv, capsys):
+    [line] = bad_input(["validate", SMOKE, f"data.path={train_csv}", "train.epochs=many"], capsys)
+    assert line.startswith(f"raycv: error: {SMOKE}: train.epochs: ") and "found 'many'" in line
+
+
+def test_several_problems_give_one_line_each(train_csv, capsys):
+    lines = bad_input(["validate", SMOKE, f"data.path={train_csv}", "train.epochs=0", "model.pooling=max",
+                       "train.batchsize=3"], capsys, problems=3)
+    keys = sorted(line.split(": ")[3] for line in lines)  # raycv: error: FILE: KEY: ...
+    assert keys == ["model.pooling", "train.batchsize", "train.epochs"]
+
+
+def test_a_missing_yaml(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    [line] = bad_input(["validate", "spaces/nope.yaml"], capsys)
+    assert line.startswith("raycv: error: search space spaces/nope.yaml not found, and no bundled one is named nope.yaml")
+
+
+def test_a_fold_out_of_range_writes_nothing(train_csv, capsys, tmp_path):
+    out_dir = tmp_path / "fold3"
+    [line] = bad_input(["train-fold", SMOKE, "--fold", "3", f"data.path={train_csv}", "data.num_folds=3", "--out-dir", out_dir], capsys)
+    assert line == "raycv: error: --fold 3 is out of range; data.num_folds is 3 (0..2)"
+    assert not out_dir.exists()
+    bad_input(["train-fold", SMOKE, "--fold", "-1", f"data.path={train_csv}", "--out-dir", out_dir], capsys)
+    assert not out_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["tunes", SMOKE], r"raycv: error: argument command: invalid choice: 'tunes'"),
+        ([], r"raycv: error: the following arguments are required: command"),
+        (["train-fold", SMOKE], r"raycv: error: the following arguments are required: --fold"),
+        (["train-fold", SMOKE, "--fold", "one"], r"raycv: error: argument --fold: invalid int value: 'one'"),
+        (["validate", SMOKE, "--color"], r"raycv: error: unrecognized arguments: --color"),
+    ],
+    ids=["unknown-subcommand", "no-subcommand", "no-fold", "fold-not-int", "unknown-flag"],
+)
+def test_bad_command_lines(argv, expected, capsys):
+    [line] = bad_input(argv, capsys)
+    assert re.match(expected, line), line
+    assert line.endswith("--help)")
+
+
+def test_a_csv_with_a_missing_column_writes_nothing(train_csv, tmp_path, capsys):
+    broken = tmp_path / "no_target.csv"
+    pd.read_csv(train_csv, nrows=40).drop(columns=["target"]).to_csv(broken, index=False)
+    out_csv = tmp_path / "folds.csv"
+
+    [line] = bad_input(["folds", SMOKE, f"data.path={broken}", "--out", out_csv], capsys)
+
+    assert line == (f"raycv: error: {broken}: missing column(s) target (data.target_column); "
+                    "found id, url_legal, license, excerpt, standard_error")
+    assert not out_csv.exists()
+    out_dir = tmp_path / "fold0"
+    bad_input(["train-fold", SMOKE, "--fold", "0", f"data.path={broken}", "--out-dir", out_dir], capsys)
+    assert not out_dir.exists()
+
+
+def test_bad_config_writes_nothing(train_csv, tmp_path, capsys):
+    out_csv = tmp_path / "folds.csv"
+    bad_input(["folds", SMOKE, f"data.path={train_csv}", "data.num_folds=1", "--out", out_csv], capsys)
+    assert not out_csv.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_console_script_end_to_end(tmp_path):
+    script = Path(sys.executable).parent / "raycv"
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "raycv.cli"]
+    out_csv = tmp_path / "folds.csv"
+
+    done = subprocess.run([*command, "folds", "spaces/nope.yaml", "--out", str(out_csv)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.startswith("raycv: error: search space spaces/nope.yaml not found")
+    assert done.stderr.count("\n") == 1
+    assert not out_csv.exists()
+
+    module = subprocess.run([sys.executable, "-m", "raycv.cli", "validate"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert module.returncode == 2
+    assert module.stderr.startswith("raycv: error: the following arguments are required: space")
+    assert module.stderr.endswith(" (see raycv validate --help)\n") and module.stderr.count("\n") == 1

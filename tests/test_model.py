@@ -1,0 +1,314 @@
+"""AliceMind StructBERT checkpoints -> transformers; the regressor, its pooling, re-initialisation, LR groups."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from raycv import RaycvError
+from raycv.cli import main
+from raycv.config import ModelConfig, TinyBackbone, load_config
+from raycv.data import collate, encode_folds
+from raycv.model import (
+    Regressor, build_model, layer_depth, load_tokenizer, minilm_dir, param_groups, read_structbert_state_dict,
+)
+from raycv.train_fold import split_fold, train_fold
+
+from conftest import LAYOUT_PREFIXES, PRETRAINING_HEADS
+
+SENTENCES = ["The quick brown fox jumps over the lazy dog.", "Readability is hard to MEASURE, isn't it?"]
+
+
+def bert_name(key: str, prefix: str) -> str:
+    """AliceMind's name -> transformers' name, spelled out here independently of raycv."""
+    name = key[len(prefix):]
+    return re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name))
+
+
+def convert(files, out, capsys) -> tuple[int, str, str]:
+    code = main(["convert-structbert", str(files.checkpoint), str(files.config), str(files.vocab), str(out)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# ---------------------------------------------------------------- conversion
+
+
+@pytest.mark.parametrize("layout", list(LAYOUT_PREFIXES))
+def test_convert_structbert_in_each_key_layout(layout, structbert_files, tmp_path, capsys):
+    from transformers import AutoModel, AutoTokenizer
+
+    files = structbert_files(layout)
+    assert any(k.startswith(files.prefix + "encoder.layer.0.attention.output.LayerNorm.gamma") for k in files.state)
+    out = tmp_path / "converted"
+
+    code, stdout, stderr = convert(files, out, capsys)
+
+    assert code == 0 and "raycv: error" not in stderr  # stderr may hold transformers' "Writing model shards" bar
+    assert f"ignored {len(PRETRAINING_HEADS)} tensors" in stdout and f"wrote {out}" in stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "bert"
+    assert (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]) == (32, 2, 30522)
+    assert (out / "model.safetensors").is_file()
+
+    model = AutoModel.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert type(model).__name__ == "BertModel"
+
+    # Every tensor equals the checkpoint's, under transformers' names (gamma -> weight, beta -> bias).
+    converted = model.state_dict()
+    from_checkpoint = {bert_name(k, files.prefix): v for k, v in files.state.items() if k.startswith(files.prefix)
+                       and not k.removeprefix("module.").startswith("cls.")}
+    assert set(converted) == set(from_checkpoint)
+    for name, tensor in from_checkpoint.items():
+        assert torch.equal(converted[name], tensor), name
+    assert not torch.equal(converted["embeddings.LayerNorm.weight"], torch.ones(32))  # really mapped, not defaults
+
+    # The tokenizer is the uncased vocab; the outputs equal the original BertModel's.
+    reference_tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    assert batch["input_ids"].tolist() == reference_tokenizer(SENTENCES, padding=True)["input_ids"]
+    assert tokenizer("HELLO World")["input_ids"] == tokenizer("hello world")["input_ids"]
+    with torch.no_grad():
+        got, want = model(**batch), files.model(**batch)
+    assert torch.allclose(got.last_hidden_state, want.last_hidden_state, atol=1e-5)
+    assert torch.allclose(got.pooler_output, want.pooler_output, atol=1e-5)
+    assert got.last_hidden_state.abs().sum() > 0
+
+
+def test_read_structbert_state_dict_reports_what_it_ignored(structbert_files):
+    files = structbert_files("module")
+    state, ignored = read_structbert_state_dict(files.checkpoint)
+    assert sorted(ignored) == sorted("module." + name for name in PRETRAINING_HEADS)
+    assert set(state) == set(files.model.state_dict())
+
+
+def broken(files_factory, edit):
+    good = files_factory("bert")
+    state = dict(good.state)
+    edit(state)
+    return files_factory("bert", state=state)
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (lambda s: s.pop("bert.encoder.layer.1.output.dense.weight"), "missing encoder.layer.1.output.dense.weight"),
+        (lambda s: s.update({"bert.encoder.layer.0.intermediate.dense.weight": torch.zeros(65, 32)}),
+         "encoder.layer.0.intermediate.dense.weight has shape (65, 32), the config needs (64, 32)"),
+        (lambda s: s.update({"bert.encoder.layer.2.output.dense.weight": torch.zeros(32, 64)}),
+         "unexpected encoder.layer.2.output.dense.weight"),
+        (lambda s: s.update({"bert.embeddings.LayerNorm.gamma": torch.ones(16)}),
+         "embeddings.LayerNorm.weight has shape (16,), the config needs (32,)"),
+    ],
+    ids=["missing", "shape", "unexpected", "layernorm-shape"],
+)
+def test_a_checkpoint_that_does_not_fit_is_refused(structbert_files, tmp_path, capsys, edit, expected):
+    files = broken(structbert_files, edit)
+    out = tmp_path / "converted"
+
+    code, stdout, stderr = convert(files, out, capsys)
+
+    assert code == 2
+    assert stderr.count("\n") == 1 and stderr.startswith(f"raycv: error: {files.checkpoint} does not fit {files.config}: ")
+    assert expected in stderr
+    assert "Traceback" not in stderr and stdout == ""
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no half-written temporary directory either
+
+
+def test_a_file_that_is_not_a_checkpoint_is_refused(structbert_files, tmp_path, capsys):
+    files = structbert_files("bert")
+    files.checkpoint.write_text("this is not a torch checkpoint\n")
+    out = tmp_path / "converted"
+
+    code, _, stderr = convert(files, out, capsys)
+
+    assert code == 2
+    assert stderr.count("\n") == 1 and stderr.startswith(f"raycv: error: {files.checkpoint}: not a torch checkpoint")
+    assert not out.exists()
+
+
+def test_a_checkpoint_of_something_else_is_refused(structbert_files, tmp_path, capsys):
+    files = structbert_files("bert")
+    torch.save({"step": 3, "weights": [1, 2]}, files.checkpoint)
+    code, _, stderr = convert(files, tmp_path / "converted", capsys)
+    assert code == 2 and stderr == f"raycv: error: {files.checkpoint}: expected a state dict of tensors\n"
+
+
+def test_conversion_refuses_a_non_empty_output_directory(structbert_files, tmp_path, capsys):
+    files = structbert_files("bert")
+    out = tmp_path / "converted"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, stderr = convert(files, out, capsys)
+    assert code == 2 and stderr == f"raycv: error: {out} exists and is not empty; choose a new directory\n"
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_conversion_into_an_existing_empty_directory(structbert_files, tmp_path, capsys):
+    files = structbert_files("bare")
+    out = tmp_path / "empty"
+    out.mkdir()
+    code, _, stderr = convert(files, out, capsys)
+    assert code == 0 and "raycv: error" not in stderr  # stderr may hold transformers' "Writing model shards" bar
+    assert {"config.json", "model.safetensors", "vocab.txt", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+
+
+# ---------------------------------------------------------------- StructBERT as a config's backbone
+
+
+@pytest.fixture
+def structbert_space(structbert_files, tiny_space):
+    files = structbert_files("module")
+    backbone = {"type": "structbert", "checkpoint": str(files.checkpoint), "config": str(files.config), "vocab": str(files.vocab)}
+    return files, lambda **model: tiny_space({"model": {"backbone": backbone, "max_length": 64, **model},
+                                              "train": {"epochs": 1, "evals_per_epoch": 2}})
+
+
+def test_a_structbert_backbone_in_a_config_trains(structbert_space):
+    files, space = structbert_space
+    config = load_config(space())
+    model = build_model(config.model, seed=0)
+    backbone_state = model.backbone.state_dict()
+    for name, tensor in files.model.state_dict().items():
+        assert torch.equal(backbone_state[name], tensor), name
+    tokenizer = load_tokenizer(config.model)
+    assert tokenizer("Hello WORLD")["input_ids"] == load_tokenizer(ModelConfig())("hello world")["input_ids"]
+
+    table, tokens, pad_id = encode_folds(config)
+    result = train_fold(config, split_fold(table, tokens, 0, pad_id), device=torch.device("cpu"))
+
+    assert len(result.curve) == 2 and all(np.isfinite(row["val_rmse"]) for row in result.curve)
+    assert len(result.pred_last) == 150 and np.isfinite(result.pred_last).all()
+    assert np.std(result.pred_last) > 0
+
+
+def test_reinit_layers_changes_only_the_top_layers(structbert_space):
+    files, space = structbert_space
+    original = files.model.state_dict()
+    untouched = build_model(load_config(space()).model, seed=0).backbone.state_dict()
+    assert all(torch.equal(untouched[k], v) for k, v in original.items())
+
+    reinit = build_model(load_config(space(reinit_layers=1)).model, seed=0).backbone.state_dict()
+
+    top = ("encoder.layer.1.", "pooler.")
+    for name, tensor in original.items():
+        if name.startswith(top):
+            assert not torch.equal(reinit[name], tensor), name  # every tensor of the top layer and the pooler
+        else:
+            assert torch.equal(reinit[name], tensor), name
+    assert torch.equal(reinit["encoder.layer.1.output.LayerNorm.weight"], torch.ones(32))
+    assert torch.equal(reinit["encoder.layer.1.output.dense.bias"], torch.zeros(32))
+    assert reinit["encoder.layer.1.output.dense.weight"].std() == pytest.approx(0.02, rel=0.2)
+
+    with pytest.raises(RaycvError, match="model.reinit_layers is 3 but the backbone has 2 layers"):
+        build_model(load_config(space(reinit_layers=3)).model, seed=0)
+
+
+# ---------------------------------------------------------------- the regressor
+
+
+def tiny_model_config(**model) -> ModelConfig:
+    backbone = TinyBackbone(type="tiny", hidden_size=16, num_layers=3, num_heads=2, intermediate_size=32)
+    return ModelConfig(backbone=backbone, max_length=64, **model)
+
+
+@pytest.fixture(scope="module")
+def real_batch(train_csv):
+    import pandas as pd
+
+    texts = pd.read_csv(train_csv, nrows=4)["excerpt"].tolist()
+    tokenizer = load_tokenizer(tiny_model_config())
+    tokens = tokenizer([texts[0][:60], texts[1], texts[2][:200], texts[3]], truncation=True, max_length=64)["input_ids"]
+    return tokens, tokenizer.pad_token_id
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean", "attention"])
+def test_each_pooling_gives_one_score_per_row_and_ignores_padding(pooling, real_batch):
+    tokens, pad_id = real_batch
+    model = build_model(tiny_model_config(pooling=pooling, dropout=0.1), seed=3).eval()
+    assert isinstance(model, Regressor) and (model.attention_pool is not None) == (pooling == "attention")
+
+    with torch.no_grad():
+        batch = collate(tokens, np.arange(4), pad_id)
+        preds = model(**batch)
+        alone = torch.stack([model(**collate(tokens, np.array([i]), pad_id))[0] for i in range(4)])
+
+    assert preds.shape == (4,) and preds.dtype == torch.float32
+    assert batch["attention_mask"][0].sum() < batch["attention_mask"].shape[1]  # row 0 is padded in the batch
+    assert torch.allclose(preds, alone, atol=1e-5)
+    assert len(set(preds.tolist())) == 4
+
+
+def test_poolings_differ():
+    torch.manual_seed(0)
+    ids = torch.randint(1000, 2000, (2, 10))
+    mask = torch.ones_like(ids)
+    outs = {p: build_model(tiny_model_config(pooling=p), seed=3).eval()(ids, mask) for p in ("cls", "mean", "attention")}
+    assert not torch.allclose(outs["cls"], outs["mean"]) and not torch.allclose(outs["mean"], outs["attention"])
+
+
+def test_build_model_is_seeded():
+    a, b, c = (build_model(tiny_model_config(), seed=s).state_dict() for s in (1, 1, 2))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["head.weight"], c["head.weight"])
+    assert torch.equal(a["head.bias"], torch.zeros(1))
+
+
+def test_layer_depth():
+    assert layer_depth("backbone.embeddings.word_embeddings.weight", 12) == 0
+    assert layer_depth("backbone.encoder.layer.0.attention.self.query.weight", 12) == 1
+    assert layer_depth("backbone.encoder.layer.11.output.dense.bias", 12) == 12
+    assert layer_depth("backbone.pooler.dense.weight", 12) == 13
+    assert layer_depth("head.weight", 12) == 13
+    assert layer_depth("attention_pool.score.0.weight", 12) == 13
+
+
+def expected_lr(name: str, lr: float, decay: float, num_layers: int) -> float:
+    if name.startswith("backbone.embeddings."):
+        return lr * decay**num_layers
+    match = re.match(r"backbone\.encoder\.layer\.(\d+)\.", name)
+    if match:
+        return lr * decay ** (num_layers - 1 - int(match.group(1)))
+    return lr  # head, pooler, attention pool
+
+
+def test_param_groups_decay_lr_by_layer_and_skip_weight_decay_on_biases_and_norms():
+    model = build_model(tiny_model_config(pooling="attention"), seed=0)
+    model.backbone.embeddings.token_type_embeddings.weight.requires_grad_(False)
+    lr, decay, weight_decay, layers = 1e-3, 0.5, 0.05, 3
+
+    groups = param_groups(model, lr=lr, layer_decay=decay, weight_decay=weight_decay)
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = [id(p) for g in groups for p in g["params"]]
+    trainable = [id(p) for p in model.parameters() if p.requires_grad]
+    assert sorted(seen) == sorted(trainable) and len(seen) == len(set(seen))  # each in exactly one group
+    assert "backbone.embeddings.token_type_embeddings.weight" not in {n for g in groups for n in g["names"]}
+    for group in groups:
+        assert [names[id(p)] for p in group["params"]] == group["names"]
+        for name in group["names"]:
+            assert group["lr"] == pytest.approx(expected_lr(name, lr, decay, layers)), name
+            no_decay = name.endswith(".bias") or ".LayerNorm." in name
+            assert group["weight_decay"] == (0.0 if no_decay else weight_decay), name
+
+    lrs = {g["lr"] for g in groups}
+    assert sorted(lrs) == pytest.approx([lr / 8, lr / 4, lr / 2, lr])
+    by_name = {n: g for g in groups for n in g["names"]}
+    assert by_name["head.weight"]["lr"] == by_name["backbone.encoder.layer.2.output.dense.weight"]["lr"] == lr
+    assert by_name["backbone.encoder.layer.0.output.dense.weight"]["lr"] == pytest.approx(lr * 0.25)
+    assert by_name["backbone.embeddings.word_embeddings.weight"]["lr"] == pytest.approx(lr * 0.125)
+    assert by_name["backbone.embeddings.LayerNorm.weight"]["weight_decay"] == 0.0
+    assert by_name["attention_pool.score.0.weight"]["weight_decay"] == weight_decay
+    torch.optim.AdamW([{"params": g["params"], "lr": g["lr"], "weight_decay": g["weight_decay"]} for g in groups])
+
+
+def test_param_groups_without_decay_give_every_layer_the_same_lr():
+    groups = param_groups(build_model(tiny_model_config(), seed=0), lr=2e-5, layer_decay=1.0, weight_decay=0.01)
+    assert {g["lr"] for g in groups} == {2e-5}
+    assert {g["weight_decay"] for g in groups} == {0.0, 0.01}
