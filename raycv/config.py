@@ -413,7 +413,8 @@ def _resolve_paths(raw: dict, space_path: Path) -> list[str]:
             return None  # a hub name
         tried = " or ".join(str(c) for c in dict.fromkeys(candidates))
         what = "directory" if is_dir else "file"
-        return f"{key}: {what} not found (tried {tried}); set {key}=/path/to/{what}"
+        hint = " (Kaggle's train.csv, competition commonlitreadabilityprize)" if key == "data.path" else ""
+        return f"{key}: {what} not found (tried {tried}); set {key}=/path/to/{what}{hint}"
 
     data = raw.setdefault("data", {}) if isinstance(raw.get("data", {}), dict) else {}
     data.setdefault("path", DataConfig.model_fields["path"].default)

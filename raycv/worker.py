@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
+from raycv.collect import rmse
 from raycv.config import Config
 from raycv.metrics import FoldMetrics
 from raycv.train_fold import EvalPoint, FoldData, format_progress, split_fold, train_fold
@@ -66,7 +65,6 @@ def trial_files(trial_id: str) -> dict[str, str]:
 def pool(gathered: list[dict]) -> dict:
     """All folds' predictions at one evaluation point -> pooled and per-fold RMSEs, and the OOF table."""
     oof = pd.concat([pd.DataFrame(g["rows"]) for g in sorted(gathered, key=lambda g: g["fold"])], ignore_index=True)
-    rmse = lambda frame, col: float(np.sqrt(np.mean((frame[col] - frame["target"]) ** 2)))  # noqa: E731
     metrics = {"cv_rmse": rmse(oof, "pred_last"), "cv_rmse_best": rmse(oof, "pred_best")}
     for fold, frame in oof.groupby("fold"):
         metrics[f"fold_{fold}_rmse"] = rmse(frame, "pred_last")
@@ -107,7 +105,7 @@ def train_fn_per_worker(loop_config: dict) -> None:
         rows = {"id": data.valid_ids, "fold": fold, "target": data.valid_targets.tolist(),
                 "pred_best": point.best_preds.tolist(), "pred_last": point.preds.tolist()}
         gathered = [None] * world
-        dist.all_gather_object(gathered, {"fold": fold, "rows": rows, "samples_per_s": point.samples_per_s})
+        dist.all_gather_object(gathered, {"fold": fold, "rows": rows})
         progress = {"eval_point": point.index, "train_loss": point.train_loss, "step": point.step,
                     "epoch": point.epoch, "num_points": point.num_points}
         metrics = progress
@@ -146,5 +144,4 @@ def train_fn_per_worker(loop_config: dict) -> None:
         if text:
             previous = pd.read_csv(io.StringIO(text))
             curve_rows.extend(previous[previous["eval_point"] <= len(state["curve"])].to_dict("records"))
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     train_fold(config, data, device=device, num_points=num_points, on_eval=on_eval, state=state)

@@ -182,7 +182,8 @@ def test_overrides_take_yaml_values(tiny_space):
 def test_a_missing_data_file_is_reported(tiny_space, tmp_path):
     missing = tmp_path / "elsewhere" / "train.csv"
     [problem] = problems_of(tiny_space(), [f"data.path={missing}"])
-    assert problem == f"data.path: file not found (tried {missing}); set data.path=/path/to/file"
+    assert problem == (f"data.path: file not found (tried {missing}); set data.path=/path/to/file "
+                       "(Kaggle's train.csv, competition commonlitreadabilityprize)")
 
 
 def test_a_relative_data_path_resolves_against_the_yaml_folder(tmp_path, train_csv, monkeypatch):
