@@ -228,6 +228,9 @@ def _finish(config: Config, results, num_points: int, max_t: int) -> int:
         print(f"best trial {best}: cv_rmse_best {row['cv_rmse_best']:.4f}, cv_rmse_last {row['cv_rmse_last']:.4f}, params {row['params']}")
     if report["ensemble"].get("cv_rmse") is not None:
         print(f"seed ensemble of {len(report['ensemble']['trials'])} trials: cv_rmse {report['ensemble']['cv_rmse']:.4f}")
+    baselines = report["baselines"]
+    print(f"baselines on the same folds: training mean {baselines['mean']['cv_rmse']:.4f}, "
+          f"TF-IDF + ridge {baselines['tfidf_ridge']['cv_rmse']:.4f}")
     print(f"report: {paths['report_md']}")
     return 0 if counts["finished"] + counts["stopped"] > 0 else 1
 

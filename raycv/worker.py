@@ -79,6 +79,11 @@ def train_fn_per_worker(loop_config: dict) -> None:
     import ray.train.torch
     import torch.distributed as dist
 
+    from ray.train.v2._internal.execution import context as train_execution_context
+
+    # Ray Train 2.60 logs every report at INFO under a logger named after its source file, which
+    # LoggingConfig(log_level) does not reach; raycv's own progress line says what matters.
+    logging.getLogger(train_execution_context.__file__).setLevel(logging.WARNING)
     config = Config.model_validate(loop_config["config"])
     context = ray.train.get_context()
     fold, world = context.get_world_rank(), context.get_world_size()

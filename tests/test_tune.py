@@ -56,7 +56,10 @@ def test_run_prints_dashboard_summary_and_report_path(smoke_run):
     assert "dashboard: http://127.0.0.1:" in out
     assert "trials: 4 (" in out
     assert f"report: {smoke_run['run_dir'] / 'report.md'}" in out
-    assert "| cv_rmse " in smoke_run["proc"].stdout + smoke_run["proc"].stderr  # per-point progress lines
+    assert "baselines on the same folds: training mean " in out
+    everything = smoke_run["proc"].stdout + smoke_run["proc"].stderr
+    assert everything.count("| cv_rmse ") >= 2 * 6 + 2 * 2  # one progress line per trial and evaluation point
+    assert "Reporting training result" not in everything  # Ray Train's per-report INFO lines are quieted
 
 
 def test_report_has_one_row_per_trial(smoke_run):
