@@ -100,9 +100,9 @@ def prune_fold_checkpoints(config, report: dict) -> list[str]:
 
     from raycv.worker import storage
 
-    ranked = [t["trial_id"] for t in report["trials"] if t["status"] == "finished" and t["cv_rmse_best"] is not None]
-    ranked.sort(key=lambda tid: next(t["cv_rmse_best"] for t in report["trials"] if t["trial_id"] == tid))
-    keep = set(ranked[: config.run.keep_fold_models])
+    finished = [t for t in report["trials"] if t["status"] == "finished" and t["cv_rmse_best"] is not None]
+    finished.sort(key=lambda t: t["cv_rmse_best"])
+    keep = {t["trial_id"] for t in finished[: config.run.keep_fold_models]}
     fs, base = storage(config.run.storage_path)
     removed = []
     for trial in report["trials"]:

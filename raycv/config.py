@@ -302,7 +302,7 @@ def _known_keys(dotted_parent: str) -> list[str]:
     model: Any = Config
     for part in [p for p in dotted_parent.split(".") if p]:
         if part == "backbone":
-            return sorted({f for cls in (PretrainedBackbone, StructBertBackbone, TinyBackbone) for f in cls.model_fields})
+            return sorted({f for cls in BACKBONE_TYPES.values() for f in cls.model_fields})
         field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
         if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
             return []
@@ -328,7 +328,7 @@ def _leaf_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
         if isinstance(annotation, type) and issubclass(annotation, Section):
             keys |= _leaf_keys(annotation, f"{prefix}{name}.")
         elif name == "backbone":
-            for cls in (PretrainedBackbone, StructBertBackbone, TinyBackbone):
+            for cls in BACKBONE_TYPES.values():
                 keys |= _leaf_keys(cls, f"{prefix}{name}.")
         else:
             keys.add(prefix + name)
