@@ -6,10 +6,12 @@ limit; on a timeout its whole process group is killed and the test fails instead
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -156,3 +158,57 @@ def test_second_run_into_the_same_directory_is_refused(smoke_run, train_csv):
     proc = run_raycv(["tune", "spaces/smoke.yaml", f"data.path={train_csv}"], cwd=smoke_run["cwd"], timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "already holds a run" in proc.stderr
+
+
+def ray_train_worker_pids() -> list[int]:
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"RayTrainWorker" in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+@pytest.mark.timeout(900)
+def test_a_killed_fold_worker_resumes_from_its_checkpoint(tmp_path, train_csv):
+    """Kill one fold's process mid-trial: Ray Train restarts the worker group (run.max_failures 1) from
+    the latest fold checkpoints, and the trial finishes without starting over."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raycv.cli", "tune", "spaces/smoke.yaml", f"data.path={train_csv}",
+         "search.params={train.lr: {grid: [0.003]}}", "search.num_samples=1", "train.epochs=8"],
+        cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        run_dir = tmp_path / "runs" / "smoke"
+        deadline = time.monotonic() + 400
+        while not list((run_dir / "ray").glob("train_*/point_0003")) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.5)
+        pids = ray_train_worker_pids()
+        assert pids, "no fold worker to kill"
+        os.kill(pids[0], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=480)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True, timeout=60)
+        raise
+    assert proc.returncode == 0, out[-4000:]
+    report = json.loads((run_dir / "report.json").read_text())
+    (trial,) = report["trials"]
+    assert trial["status"] == "finished" and trial["eval_points"] == 8
+    curve = pd.read_csv(run_dir / "curves" / f"{trial['trial_id']}.csv")
+    assert curve["eval_point"].tolist() == list(range(1, 9))
+    assert "resumes at step" in out  # (Ray folds the folds' near-identical lines into one)
+
+    # Points redone after the restart print the same pooled RMSE as before it: the resumed folds continue
+    # bit for bit (same weights, optimiser, scheduler, RNG and batch order), and point 1 is never redone.
+    lines = re.findall(r"\| point (\d+)/8 \| .*? \| cv_rmse ([\d.]+) ", out)
+    by_point: dict[str, set] = {}
+    for point, value in lines:
+        by_point.setdefault(point, set()).add(value)
+    assert sorted(by_point, key=int) == [str(p) for p in range(1, 9)]
+    assert all(len(values) == 1 for values in by_point.values()), by_point
+    assert len(lines) > 8 and [point for point, _ in lines].count("1") == 1
