@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 def gather_trials(results, config, max_t: int) -> list[dict]:
     """One record per Tune trial; its OOF predictions land in oof/<trial_id>.csv, its curve in curves/."""
-    from raycv.worker import read_from_storage, trial_files
+    from raycv.worker import read_from_storage, train_run_name, trial_files
 
     output_dir = Path(config.run.output_dir)
     trials = []
@@ -46,7 +46,7 @@ def gather_trials(results, config, max_t: int) -> list[dict]:
         trials.append({
             "trial_id": trial_id, "params": dict(result.config or {}), "status": status, "eval_points": eval_points,
             "error": str(result.error).strip().splitlines()[-1] if result.error is not None else None,
-            "train_run": f"train_{trial_id}",
+            "train_run": train_run_name(trial_id),
         })
     return sorted(trials, key=lambda t: t["trial_id"])
 
@@ -98,7 +98,7 @@ def prune_fold_checkpoints(config, report: dict) -> list[str]:
     """Delete fold checkpoints (model + optimiser) of all but the best `run.keep_fold_models` trials."""
     import pyarrow.fs
 
-    from raycv.worker import storage
+    from raycv.worker import storage, train_run_name
 
     finished = [t for t in report["trials"] if t["status"] == "finished" and t["cv_rmse_best"] is not None]
     finished.sort(key=lambda t: t["cv_rmse_best"])
@@ -108,7 +108,7 @@ def prune_fold_checkpoints(config, report: dict) -> list[str]:
     for trial in report["trials"]:
         if trial["trial_id"] in keep:
             continue
-        run_dir = f"{base.rstrip('/')}/train_{trial['trial_id']}"
+        run_dir = f"{base.rstrip('/')}/{train_run_name(trial['trial_id'])}"
         for info in fs.get_file_info(pyarrow.fs.FileSelector(run_dir, allow_not_found=True)):
             if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("point_"):
                 fs.delete_dir(info.path)

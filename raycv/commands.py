@@ -19,7 +19,7 @@ def validate(args) -> int:
     """Resolved config, rows, fold sizes, token lengths, padding, model size; trains nothing."""
     from raycv.data import bucketed_batches, encode_folds, useful_token_fraction
     from raycv.model import build_model, count_parameters, load_tokenizer
-    from raycv.train_fold import num_eval_points, steps_per_epoch
+    from raycv.train_fold import steps_per_epoch, trial_eval_points
 
     config = load_config(args.space, args.overrides)
     table, tokens, _ = encode_folds(config)
@@ -42,7 +42,7 @@ def validate(args) -> int:
     train_rows = len(table) - min(sizes)
     print(
         f"per fold: {steps_per_epoch(train_rows, batch)} steps/epoch x {config.train.epochs} epochs, "
-        f"{num_eval_points(config.train, train_rows)} evaluation points"
+        f"{trial_eval_points(config.train, table['fold'])} evaluation points per trial"
     )
     print(f"trials: {num_trials(config)} (search.num_samples {config.search.num_samples} x grid points)")
     if not args.no_model:

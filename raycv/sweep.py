@@ -29,7 +29,7 @@ def train_driver_fn(params: dict, base_config: dict, encoded, num_points: int) -
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raycv.worker import train_fn_per_worker
+    from raycv.worker import train_fn_per_worker, train_run_name
 
     config = Config.model_validate(base_config).with_overrides(params)
     trial_id = tune.get_context().get_trial_id()
@@ -49,7 +49,7 @@ def train_driver_fn(params: dict, base_config: dict, encoded, num_points: int) -
             resources_per_worker={"CPU": config.resources.cpus_per_fold, **({"GPU": gpus} if gpus > 0 else {})},
         ),
         run_config=RunConfig(
-            name=f"train_{trial_id}",
+            name=train_run_name(trial_id),
             storage_path=config.run.storage_path,
             callbacks=[TuneReportCallback()],
             failure_config=FailureConfig(max_failures=config.run.max_failures),
@@ -136,7 +136,7 @@ def plan_resources(config: Config, joined: bool) -> tuple[float, int]:
 def run_sweep(config: Config, address: str | None = None) -> int:
     from raycv.collect import compute_baselines
     from raycv.data import encode_folds
-    from raycv.train_fold import num_eval_points
+    from raycv.train_fold import trial_eval_points
 
     output_dir = Path(config.run.output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
@@ -145,8 +145,8 @@ def run_sweep(config: Config, address: str | None = None) -> int:
             f"or rebuild its report with: raycv report {output_dir}"
         )
     table, tokens, pad_id = encode_folds(config)  # bad data fails here, before Ray starts
-    train_sizes = [int((table["fold"] != k).sum()) for k in range(config.data.num_folds)]
-    num_points = min(num_eval_points(config.train, n) for n in train_sizes)
+    valid_sizes = table["fold"].value_counts().sort_index().tolist()
+    num_points = trial_eval_points(config.train, table["fold"])
     max_t = config.scheduler.max_t or num_points
     if max_t > num_points:
         raise RaycvError(f"scheduler.max_t is {max_t} but a trial has only {num_points} evaluation points; lower it")
@@ -162,7 +162,7 @@ def run_sweep(config: Config, address: str | None = None) -> int:
         write_atomic(output_dir / "folds.csv", lambda tmp: table[["id", "fold", "target"]].to_csv(tmp, index=False))
         write_atomic(output_dir / "baselines.json", lambda tmp: Path(tmp).write_text(json.dumps(compute_baselines(table), indent=2)))
         print(f"raycv tune {config.run.name}: {len(table)} rows, {config.data.num_folds} folds "
-              f"({'/'.join(str(len(table) - n) for n in train_sizes)} validation rows), {num_points} evaluation points "
+              f"({'/'.join(map(str, valid_sizes))} validation rows), {num_points} evaluation points "
               f"per trial, batch {config.train.batch_size}, {gpus:g} GPU + {config.resources.cpus_per_fold:g} CPU per fold, "
               f"up to {concurrent} trial(s) at a time; output {output_dir}")
         results = _fit(config, (table[["id", "target", "fold"]], tokens, pad_id), num_points, max_t, concurrent)

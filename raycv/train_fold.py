@@ -113,6 +113,12 @@ def num_eval_points(train: TrainConfig, train_rows: int) -> int:
     return min(wanted, total)
 
 
+def trial_eval_points(train: TrainConfig, folds: pd.Series) -> int:
+    """Evaluation points of a trial: the fewest any of its folds allows, since every fold reports at every
+    point (Ray Train's reports are a barrier). `folds` is the fold column of the fold table."""
+    return min(num_eval_points(train, int((folds != fold).sum())) for fold in folds.unique())
+
+
 def eval_steps(total_steps: int, num_points: int) -> list[int]:
     """Evenly spaced optimiser steps at which to evaluate; the last is always the final step."""
     steps = sorted({round(total_steps * j / num_points) for j in range(1, num_points + 1)})

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from raycv.collect import rmse
+from raycv.collect import score_trial
 from raycv.config import Config
 from raycv.metrics import FoldMetrics
 from raycv.train_fold import EvalPoint, FoldData, format_progress, split_fold, train_fold
@@ -57,6 +57,11 @@ def read_from_storage(storage_path: str, relative: str) -> str | None:
         return stream.read().decode()
 
 
+def train_run_name(trial_id: str) -> str:
+    """A trial's Ray Train run: its storage folder and its name in the dashboard's Train view."""
+    return f"train_{trial_id}"
+
+
 def trial_files(trial_id: str) -> dict[str, str]:
     """Where rank 0 keeps a trial's pooled results in the run's storage (relative paths)."""
     return {"oof": f"results/{trial_id}/oof.csv", "curve": f"results/{trial_id}/curve.csv"}
@@ -65,10 +70,11 @@ def trial_files(trial_id: str) -> dict[str, str]:
 def pool(gathered: list[dict]) -> dict:
     """All folds' predictions at one evaluation point -> pooled and per-fold RMSEs, and the OOF table."""
     oof = pd.concat([pd.DataFrame(g["rows"]) for g in sorted(gathered, key=lambda g: g["fold"])], ignore_index=True)
-    metrics = {"cv_rmse": rmse(oof, "pred_last"), "cv_rmse_best": rmse(oof, "pred_best")}
-    for fold, frame in oof.groupby("fold"):
-        metrics[f"fold_{fold}_rmse"] = rmse(frame, "pred_last")
-        metrics[f"fold_{fold}_rmse_best"] = rmse(frame, "pred_best")
+    scores = score_trial(oof)  # the collector's scoring, so Tune and the report agree by construction
+    metrics = {"cv_rmse": scores["cv_rmse_last"], "cv_rmse_best": scores["cv_rmse_best"]}
+    for fold, (last, best) in enumerate(zip(scores["fold_rmse_last"], scores["fold_rmse_best"])):
+        metrics[f"fold_{fold}_rmse"] = last
+        metrics[f"fold_{fold}_rmse_best"] = best
     return {"metrics": metrics, "oof": oof}
 
 

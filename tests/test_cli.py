@@ -57,7 +57,7 @@ def test_validate_shows_rows_folds_tokens_and_parameters(train_csv, capsys):
     assert tokens, report
     assert 200 < int(tokens[1]) < 235 and int(tokens[3]) > 256 and float(tokens[4]) == 100.0
     assert re.search(r"useful-token fraction at batch 16: length-bucketed 1\.000, fixed padding 1\.000", report)
-    assert "per fold: 19 steps/epoch x 6 epochs, 6 evaluation points" in report
+    assert "per fold: 19 steps/epoch x 6 epochs, 6 evaluation points per trial" in report
     params = re.search(r"model: ([\d,]+) parameters \(tiny, pooling cls\)", report)
     assert params and int(params[1].replace(",", "")) == expected_tiny_parameters()
     assert report.rstrip().endswith("ok")
