@@ -16,10 +16,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from raycv import RaycvError
-from raycv.config import ConfigError
+from raycv.spaces import ConfigError
 
 EXIT_BAD_INPUT = 2
 

@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from raycv import RaycvError, write_atomic
-from raycv.config import dump_yaml, load_config
+from raycv import RaycvError
+from raycv.config import dump_yaml
+from raycv.spaces import load_config
+from raycv.storage import write_atomic, write_text_atomic
 
 
 def validate(args) -> int:
@@ -22,13 +24,18 @@ def validate(args) -> int:
     from raycv.train_fold import steps_per_epoch, trial_eval_points
 
     config = load_config(args.space, args.overrides)
-    table, tokens, _ = encode_folds(config)
+    tokenizer = load_tokenizer(config.model)
+    encoded = encode_folds(config, tokenizer)
+    table, tokens = encoded.table, encoded.tokens
     print(dump_yaml(config).rstrip())
     print("---")
     sizes = table["fold"].value_counts().sort_index().tolist()
     print(f"rows: {len(table)} from {config.data.path}")
-    print(f"folds: {config.data.num_folds} (seed {config.data.fold_seed}), validation rows per fold: {'/'.join(map(str, sizes))}")
-    full = [len(ids) for ids in load_tokenizer(config.model)(table["text"].tolist(), truncation=False)["input_ids"]]
+    print(
+        f"folds: {config.data.num_folds} (seed {config.data.fold_seed}), "
+        f"validation rows per fold: {'/'.join(map(str, sizes))}"
+    )
+    full = [len(ids) for ids in tokenizer(table["text"].tolist(), truncation=False)["input_ids"]]
     full = np.array(full)
     lengths = np.array([len(t) for t in tokens])
     print(
@@ -47,7 +54,10 @@ def validate(args) -> int:
     print(f"trials: {num_trials(config)} (search.num_samples {config.search.num_samples} x grid points)")
     if not args.no_model:
         model = build_model(config.model, seed=0)
-        print(f"model: {count_parameters(model):,} parameters ({config.model.backbone.type}, pooling {config.model.pooling})")
+        print(
+            f"model: {count_parameters(model):,} parameters "
+            f"({config.model.backbone.type}, pooling {config.model.pooling})"
+        )
     print("ok")
     return 0
 
@@ -71,21 +81,25 @@ def folds(args) -> int:
 
 def train_fold(args) -> int:
     from raycv.data import encode_folds
-    from raycv.train_fold import format_progress, split_fold
+    from raycv.model import load_tokenizer
+    from raycv.progress import fold_line
+    from raycv.train_fold import split_fold
     from raycv.train_fold import train_fold as run_fold
 
     config = load_config(args.space, args.overrides)
     if not 0 <= args.fold < config.data.num_folds:
-        raise RaycvError(f"--fold {args.fold} is out of range; data.num_folds is {config.data.num_folds} (0..{config.data.num_folds - 1})")
+        raise RaycvError(
+            f"--fold {args.fold} is out of range; "
+            f"data.num_folds is {config.data.num_folds} (0..{config.data.num_folds - 1})"
+        )
     out_dir = Path(args.out_dir or Path(config.run.output_dir) / "train_fold" / f"fold_{args.fold}")
-    table, tokens, pad_id = encode_folds(config)
-    data = split_fold(table, tokens, args.fold, pad_id)
+    data = split_fold(encode_folds(config, load_tokenizer(config.model)), args.fold)
     print(f"fold {args.fold}: {len(data.train_ids)} training rows, {len(data.valid_ids)} validation rows, "
           f"batch {config.train.batch_size}, {config.train.epochs} epochs")
-    result = run_fold(config, data, on_eval=lambda point, _: print(format_progress(point), flush=True))
+    result = run_fold(config, data, on_eval=lambda point, _: print(fold_line(point), flush=True))
     write_atomic(out_dir / "predictions.csv", lambda tmp: result.predictions().to_csv(tmp, index=False))
     write_atomic(out_dir / "curve.csv", lambda tmp: pd.DataFrame(result.curve).to_csv(tmp, index=False))
-    write_atomic(out_dir / "resolved_config.yaml", lambda tmp: Path(tmp).write_text(dump_yaml(config)))
+    write_text_atomic(out_dir / "resolved_config.yaml", dump_yaml(config))
     print(f"fold {args.fold}: best val_rmse {result.best_rmse:.4f}, last {result.last_rmse:.4f}; wrote {out_dir}")
     return 0
 

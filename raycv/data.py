@@ -9,6 +9,8 @@ without shuffle on the bins. With seed 1000 and k 5 on Kaggle's 2,834 rows: 567/
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 import torch
@@ -39,7 +41,9 @@ def read_rows(data: DataConfig) -> pd.DataFrame:
             "target": pd.to_numeric(raw[data.target_column], errors="coerce"),
         }
     )
-    row_names = rows["id"].fillna("").where(rows["id"].notna() & (rows["id"] != ""), "line " + (raw.index + 2).astype(str))
+    row_names = rows["id"].fillna("").where(
+        rows["id"].notna() & (rows["id"] != ""), "line " + (raw.index + 2).astype(str)
+    )
 
     def refuse(mask: pd.Series, what: str):
         if mask.any():
@@ -51,7 +55,10 @@ def read_rows(data: DataConfig) -> pd.DataFrame:
     refuse(rows["id"].duplicated(keep=False), f"a duplicate {data.id_column}")
     is_text = rows["text"].map(lambda value: isinstance(value, str) and value.strip() != "")
     refuse(~is_text, f"an empty or non-text {data.text_column}")
-    refuse(~np.isfinite(rows["target"].to_numpy(dtype=float, na_value=np.nan)), f"a missing or non-finite {data.target_column}")
+    refuse(
+        ~np.isfinite(rows["target"].to_numpy(dtype=float, na_value=np.nan)),
+        f"a missing or non-finite {data.target_column}",
+    )
     rows["id"] = rows["id"].astype(str)
     rows["target"] = rows["target"].astype(float)
     return rows
@@ -140,12 +147,21 @@ def useful_token_fraction(lengths: np.ndarray, batches) -> float:
     return float(lengths.sum() / padded)
 
 
-def encode_folds(config) -> tuple[pd.DataFrame, list[list[int]], int]:
-    """Everything the workers need, computed once on the driver: the fold table (id, text, target, fold),
-    its token ids in the same order, and the tokenizer's pad id."""
-    from raycv.model import load_tokenizer
+@dataclass
+class EncodedFolds:
+    """Everything the fold workers need, computed once on the driver and handed to every trial."""
 
+    table: pd.DataFrame  # one row per excerpt: id, target, fold (and text, until `for_workers`)
+    tokens: list[list[int]]  # token ids of each row of `table`, same order, truncated, unpadded
+    pad_id: int  # the tokenizer's padding id, for per-batch padding
+
+    def for_workers(self) -> EncodedFolds:
+        """Without the texts: the workers train on token ids, and Ray ships this to every trial."""
+        return EncodedFolds(self.table[["id", "target", "fold"]].copy(), self.tokens, self.pad_id)
+
+
+def encode_folds(config, tokenizer) -> EncodedFolds:
+    """The fold table (id, text, target, fold) and its token ids in the same order."""
     table = load_folds(config.data)
-    tokenizer = load_tokenizer(config.model)
     tokens = tokenize(table["text"].tolist(), tokenizer, config.model.max_length)
-    return table, tokens, tokenizer.pad_token_id
+    return EncodedFolds(table, tokens, tokenizer.pad_token_id)

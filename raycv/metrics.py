@@ -18,10 +18,18 @@ class FoldMetrics:
 
         self.tags = {"run": run, "trial": trial, "fold": str(fold)}
         trial_keys, fold_keys = ("run", "trial"), ("run", "trial", "fold")
-        self.cv_rmse = Gauge("raycv_cv_rmse", "pooled out-of-fold RMSE of all folds at the latest evaluation point", trial_keys)
-        self.cv_rmse_best = Gauge("raycv_cv_rmse_best", "pooled RMSE of every fold's best-so-far predictions", trial_keys)
-        self.fold_rmse = Gauge("raycv_fold_rmse", "validation RMSE of one fold at the latest evaluation point", fold_keys)
-        self.samples_per_s = Gauge("raycv_train_samples_per_second", "training samples per second of one fold", fold_keys)
+        self.cv_rmse = Gauge(
+            "raycv_cv_rmse", "pooled out-of-fold RMSE of all folds at the latest evaluation point", trial_keys
+        )
+        self.cv_rmse_best = Gauge(
+            "raycv_cv_rmse_best", "pooled RMSE of every fold's best-so-far predictions", trial_keys
+        )
+        self.fold_rmse = Gauge(
+            "raycv_fold_rmse", "validation RMSE of one fold at the latest evaluation point", fold_keys
+        )
+        self.samples_per_s = Gauge(
+            "raycv_train_samples_per_second", "training samples per second of one fold", fold_keys
+        )
         self.eval_points = Gauge("raycv_eval_points", "evaluation points done by one fold", fold_keys)
         self.gpu_memory = Gauge("raycv_gpu_memory_bytes", "peak GPU memory allocated by one fold's process", fold_keys)
 

@@ -65,8 +65,8 @@ def load_tokenizer(model: ModelConfig):
 # ---------------------------------------------------------------- StructBERT (AliceMind) checkpoints
 
 
-def read_structbert_config(config_path: str | Path):
-    """AliceMind's large_bert_config.json as a transformers BertConfig."""
+def read_structbert_config(config_path: str | Path, attention: str = "sdpa"):
+    """AliceMind's large_bert_config.json as a transformers BertConfig using `attention` (sdpa or eager)."""
     from transformers import BertConfig
 
     try:
@@ -76,7 +76,7 @@ def read_structbert_config(config_path: str | Path):
     missing = [key for key in BERT_CONFIG_KEYS[:5] if key not in raw]
     if missing:
         raise RaycvError(f"{config_path}: not a BERT config, missing {', '.join(missing)}")
-    return BertConfig(**{key: raw[key] for key in BERT_CONFIG_KEYS if key in raw})
+    return BertConfig(**{key: raw[key] for key in BERT_CONFIG_KEYS if key in raw}, attn_implementation=attention)
 
 
 def read_structbert_state_dict(checkpoint_path: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -112,8 +112,7 @@ def load_structbert(backbone: StructBertBackbone, attention: str = "sdpa"):
     """A transformers BertModel holding AliceMind's weights; fails on any missing, unexpected or misshapen tensor."""
     from transformers import BertModel
 
-    config = read_structbert_config(backbone.config)
-    config._attn_implementation = attention
+    config = read_structbert_config(backbone.config, attention)
     model = BertModel(config, add_pooling_layer=True)
     state, ignored = read_structbert_state_dict(backbone.checkpoint)
     expected = model.state_dict()
@@ -174,9 +173,8 @@ def build_backbone(model: ModelConfig):
         config = BertConfig(
             vocab_size=len(tokenizer), hidden_size=backbone.hidden_size, num_hidden_layers=backbone.num_layers,
             num_attention_heads=backbone.num_heads, intermediate_size=backbone.intermediate_size,
-            max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+            max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id, attn_implementation=model.attention,
         )
-        config._attn_implementation = model.attention
         return BertModel(config, add_pooling_layer=True)
     try:
         return AutoModel.from_pretrained(_name_or_dir(backbone.path), attn_implementation=model.attention)
@@ -211,7 +209,8 @@ class Regressor(nn.Module):
     def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
         if self.pooling == "cls":
-            pooled = out.pooler_output if getattr(out, "pooler_output", None) is not None else out.last_hidden_state[:, 0]
+            has_pooler = getattr(out, "pooler_output", None) is not None
+            pooled = out.pooler_output if has_pooler else out.last_hidden_state[:, 0]
         elif self.pooling == "mean":
             mask = attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
             pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1)
@@ -239,12 +238,19 @@ def build_model(model: ModelConfig, seed: int) -> Regressor:
     reinit = list(layers[len(layers) - model.reinit_layers :]) if model.reinit_layers else []
     if reinit and getattr(backbone, "pooler", None) is not None:
         reinit.append(backbone.pooler)
-    for module in reinit:
-        module.apply(backbone._init_weights)
+    reinitialise(backbone, reinit)
     std = getattr(backbone.config, "initializer_range", 0.02)
     nn.init.normal_(regressor.head.weight, std=std)
     nn.init.zeros_(regressor.head.bias)
     return regressor
+
+
+def reinitialise(backbone: nn.Module, modules: list[nn.Module]) -> None:
+    """Draw `modules` afresh as the backbone initialised them. transformers has no public per-module
+    initialiser (`initialize_weights` redoes the whole model), so this calls the private `_init_weights`
+    each model class defines; checked against transformers 5.24 (tests/test_structure.py pins it)."""
+    for module in modules:
+        module.apply(backbone._init_weights)
 
 
 def layer_depth(name: str, num_layers: int) -> int:
@@ -269,7 +275,10 @@ def param_groups(model: Regressor, lr: float, layer_decay: float, weight_decay: 
         scale = layer_decay ** max(0, num_layers - depth)
         group = groups.setdefault(
             (depth, no_decay),
-            {"params": [], "names": [], "lr": lr * scale, "weight_decay": 0.0 if no_decay else weight_decay, "depth": depth},
+            {
+                "params": [], "names": [], "lr": lr * scale,
+                "weight_decay": 0.0 if no_decay else weight_decay, "depth": depth,
+            },
         )
         group["params"].append(param)
         group["names"].append(name)

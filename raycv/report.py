@@ -15,68 +15,83 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from raycv import RaycvError, write_atomic
-from raycv.collect import ensemble, rmse, score_trial
+from raycv import RaycvError
+from raycv.collect import TrialRecord
+from raycv.scoring import ensemble, rmse, score_ensemble, score_trial
+from raycv.storage import RUN_FILES, run_curve_path, run_oof_path, write_atomic, write_text_atomic
 
 OPTIMISM_NOTE = (
     "cv_rmse_best takes each fold's predictions at that fold's best evaluation point, chosen on the same "
     "validation rows it is scored on, so it is optimistic; cv_rmse_last (every fold's final point) is the "
-    "honest figure for a fixed training length."
+    "honest figure for a fixed training length. Trials, the best trial and the ensembles are ranked on "
+    "cv_rmse_last."
 )
+SEED_KEY = "train.seed"
 
 
 def load_run(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
-    needed = ["run.json", "folds.csv", "baselines.json", "resolved_config.yaml"]
-    missing = [name for name in needed if not (run_dir / name).is_file()]
+    missing = [name for name in RUN_FILES if not (run_dir / name).is_file()]
     if missing:
         raise RaycvError(f"{run_dir} is not a finished raycv run (missing {', '.join(missing)}); run raycv tune first")
     run = json.loads((run_dir / "run.json").read_text())
-    config = yaml.safe_load((run_dir / "resolved_config.yaml").read_text())
+    trials = [TrialRecord(**trial) for trial in run["trials"]]
     oofs, curves = {}, {}
-    for trial in run["trials"]:
-        oof_path, curve_path = run_dir / "oof" / f"{trial['trial_id']}.csv", run_dir / "curves" / f"{trial['trial_id']}.csv"
+    for trial in trials:
+        oof_path, curve_path = run_oof_path(run_dir, trial.trial_id), run_curve_path(run_dir, trial.trial_id)
         if oof_path.is_file():
-            oofs[trial["trial_id"]] = pd.read_csv(oof_path, dtype={"id": str})
+            oofs[trial.trial_id] = pd.read_csv(oof_path, dtype={"id": str})
         if curve_path.is_file():
-            curves[trial["trial_id"]] = pd.read_csv(curve_path)
+            curves[trial.trial_id] = pd.read_csv(curve_path)
     return {
-        "run": run, "config": config, "oofs": oofs, "curves": curves,
+        "run": run, "trials": trials, "oofs": oofs, "curves": curves,
+        "config": yaml.safe_load((run_dir / "resolved_config.yaml").read_text()),
         "folds": pd.read_csv(run_dir / "folds.csv", dtype={"id": str}),
         "baselines": json.loads((run_dir / "baselines.json").read_text()),
     }
 
 
+NO_SCORES = {f"{name}_{which}": None for name in ("cv_rmse", "fold_rmse") for which in ("last", "best")}
+
+
 def build_report(loaded: dict) -> dict:
     run, oofs = loaded["run"], loaded["oofs"]
     trials = []
-    for trial in run["trials"]:
-        row = {key: trial[key] for key in ("trial_id", "params", "status", "eval_points", "error")}
-        if trial["trial_id"] in oofs:
-            row.update(score_trial(oofs[trial["trial_id"]]))
-        else:
-            row.update({"cv_rmse_best": None, "cv_rmse_last": None, "fold_rmse_best": None, "fold_rmse_last": None})
+    for trial in loaded["trials"]:
+        row = {key: getattr(trial, key) for key in ("trial_id", "params", "status", "eval_points", "error")}
+        row.update(score_trial(oofs[trial.trial_id]) if trial.trial_id in oofs else NO_SCORES)
         trials.append(row)
-    trials.sort(key=lambda t: (t["cv_rmse_best"] is None, t["cv_rmse_best"] or 0.0))
-
-    finished = [t for t in trials if t["status"] == "finished" and t["cv_rmse_best"] is not None]
-    candidates = finished or [t for t in trials if t["cv_rmse_best"] is not None]
-    best = candidates[0]["trial_id"] if candidates else None
+    trials.sort(key=lambda t: (t["cv_rmse_last"] is None, t["cv_rmse_last"] or 0.0))
+    # Only trials that ran to the end compete: a stopped trial's early, optimistic point is no fair rival.
+    finished = [t for t in trials if t["status"] == "finished" and t["cv_rmse_last"] is not None]
     k = loaded["config"]["run"]["ensemble_top_k"]
-    members = [t["trial_id"] for t in finished[:k]]
-    ensemble_report = {"k": k, "trials": members, "cv_rmse": None, "cv_rmse_last": None, "fold_rmse": None}
-    if members:
-        mixed = ensemble([oofs[m] for m in members])
-        ensemble_report.update(
-            cv_rmse=rmse(mixed, "pred_best"), cv_rmse_last=rmse(mixed, "pred_last"),
-            fold_rmse=[rmse(f, "pred_best") for _, f in mixed.groupby("fold", sort=True)],
-        )
+    top_k = {"k": k, "trials": [t["trial_id"] for t in finished[:k]], **NO_SCORES}
+    if top_k["trials"]:
+        top_k.update(score_ensemble([oofs[m] for m in top_k["trials"]]))
     return {
         "run": run["name"], "rows": int(len(loaded["folds"])), "num_folds": int(loaded["folds"]["fold"].nunique()),
         "num_points": run["num_points"], "max_t": run["max_t"], "scheduler": run["scheduler"],
-        "searched": run["searched"], "trials": trials, "best_trial": best, "ensemble": ensemble_report,
+        "searched": run["searched"], "trials": trials, "best_trial": finished[0]["trial_id"] if finished else None,
+        "top_k_ensemble": top_k, "seed_ensembles": seed_ensembles(finished, run["searched"], oofs),
         "baselines": loaded["baselines"], "note": OPTIMISM_NOTE,
     }
+
+
+def seed_ensembles(finished: list[dict], searched: list[str], oofs: dict) -> list[dict]:
+    """Finished trials that share every searched value but the seed, averaged: one entry per such group of
+    two or more, best first. Only where the seed is searched (otherwise equal values mean equal runs)."""
+    if SEED_KEY not in searched:
+        return []
+    groups: dict[str, list[dict]] = {}
+    for trial in finished:
+        shared = {key: value for key, value in trial["params"].items() if key != SEED_KEY}
+        groups.setdefault(json.dumps(shared, sort_keys=True), []).append(trial)
+    entries = [
+        {"params": json.loads(shared), "trials": [t["trial_id"] for t in members],
+         **score_ensemble([oofs[t["trial_id"]] for t in members])}
+        for shared, members in groups.items() if len(members) >= 2
+    ]
+    return sorted(entries, key=lambda entry: entry["cv_rmse_last"])
 
 
 def write_report(run_dir: Path) -> dict:
@@ -84,11 +99,13 @@ def write_report(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     loaded = load_run(run_dir)
     report = build_report(loaded)
-    write_atomic(run_dir / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
+    write_text_atomic(run_dir / "report.json", json.dumps(report, indent=2))
     write_atomic(run_dir / "trials.csv", lambda tmp: trials_table(report).to_csv(tmp, index=False))
     plots = write_plots(run_dir, loaded, report)
-    write_atomic(run_dir / "report.md", lambda tmp: Path(tmp).write_text(markdown(report, plots)))
-    return {"report": report, "report_md": run_dir / "report.md", "report_json": run_dir / "report.json", "plots": plots}
+    write_text_atomic(run_dir / "report.md", markdown(report, plots))
+    return {
+        "report": report, "report_md": run_dir / "report.md", "report_json": run_dir / "report.json", "plots": plots
+    }
 
 
 def trials_table(report: dict) -> pd.DataFrame:
@@ -96,9 +113,9 @@ def trials_table(report: dict) -> pd.DataFrame:
     rows = []
     for t in report["trials"]:
         row = {"trial_id": t["trial_id"], "status": t["status"], "eval_points": t["eval_points"],
-               "cv_rmse_best": t["cv_rmse_best"], "cv_rmse_last": t["cv_rmse_last"]}
+               "cv_rmse_last": t["cv_rmse_last"], "cv_rmse_best": t["cv_rmse_best"]}
         row.update({f"param.{k}": v for k, v in t["params"].items()})
-        for which in ("best", "last"):
+        for which in ("last", "best"):
             for fold, value in enumerate(t["fold_rmse_" + which] or []):
                 row[f"fold_{fold}_rmse_{which}"] = value
         rows.append(row)
@@ -113,44 +130,61 @@ def _fmt(value, digits: int = 4) -> str:
     return str(value)
 
 
+def _ensemble_line(entry: dict) -> str:
+    return (f"{', '.join(entry['trials'])}: CV RMSE {_fmt(entry['cv_rmse_last'])} (last points), "
+            f"{_fmt(entry['cv_rmse_best'])} (best points); per fold (last) "
+            + " / ".join(f"{v:.3f}" for v in entry["fold_rmse_last"]))
+
+
 def markdown(report: dict, plots: dict[str, str]) -> str:
     searched = report["searched"]
     lines = [
         f"# CV report: {report['run']}", "",
         f"{report['rows']} rows, {report['num_folds']} folds, {report['num_points']} evaluation points per trial, "
-        f"scheduler {report['scheduler']}. RMSEs are pooled over all out-of-fold rows unless marked per fold.", "",
+        f"scheduler {report['scheduler']}. RMSEs are pooled over all out-of-fold rows unless marked per fold; "
+        "trials are ranked on the last point.", "",
         "## Leaderboard", "",
-        "| trial | " + " | ".join(searched) + " | status | points | CV RMSE (best point) | CV RMSE (last point) | "
-        "per-fold RMSE (best) | fold mean ± std |",
+        "| trial | " + " | ".join(searched) + " | status | points | CV RMSE (last point) | CV RMSE (best point) | "
+        "per-fold RMSE (last) | fold mean ± std (last) |",
         "|" + "---|" * (len(searched) + 7),
     ]
     for t in report["trials"]:
-        per_fold = " / ".join(f"{v:.3f}" for v in t["fold_rmse_best"]) if t["fold_rmse_best"] else "-"
-        spread = (f"{t['fold_rmse_best_mean']:.4f} ± {t['fold_rmse_best_std']:.4f}" if t.get("fold_rmse_best_mean") is not None else "-")
+        per_fold = " / ".join(f"{v:.3f}" for v in t["fold_rmse_last"]) if t["fold_rmse_last"] else "-"
+        spread = (f"{t['fold_rmse_last_mean']:.4f} ± {t['fold_rmse_last_std']:.4f}"
+                  if t.get("fold_rmse_last_mean") is not None else "-")
         status = t["status"] + (f" ({t['error']})" if t["error"] else "")
         lines.append(
             f"| {t['trial_id']} | " + " | ".join(_fmt(t["params"].get(k)) for k in searched)
-            + f" | {status} | {t['eval_points']} | {_fmt(t['cv_rmse_best'])} | {_fmt(t['cv_rmse_last'])} | {per_fold} | {spread} |"
+            + f" | {status} | {t['eval_points']} | {_fmt(t['cv_rmse_last'])} | {_fmt(t['cv_rmse_best'])} "
+            f"| {per_fold} | {spread} |"
         )
     best = next((t for t in report["trials"] if t["trial_id"] == report["best_trial"]), None)
     lines += ["", "## Best trial", ""]
     if best:
-        lines.append(f"**{best['trial_id']}** ({best['status']}): CV RMSE {_fmt(best['cv_rmse_best'])} at the best point, "
-                     f"{_fmt(best['cv_rmse_last'])} at the last point; params {best['params']}.")
+        lines.append(f"**{best['trial_id']}** (the finished trial with the lowest last-point CV RMSE): "
+                     f"{_fmt(best['cv_rmse_last'])} at the last point, {_fmt(best['cv_rmse_best'])} at the best "
+                     f"point; params {best['params']}.")
     else:
-        lines.append("No trial produced predictions.")
-    ens = report["ensemble"]
-    lines += ["", "## Seed ensemble", ""]
-    if ens["cv_rmse"] is not None:
-        lines.append(f"Average of the OOF predictions of the top {len(ens['trials'])} finished trial(s) "
-                     f"({', '.join(ens['trials'])}): CV RMSE {_fmt(ens['cv_rmse'])} (best points), "
-                     f"{_fmt(ens['cv_rmse_last'])} (last points).")
+        lines.append("No trial ran to the end.")
+    top_k = report["top_k_ensemble"]
+    lines += ["", "## Top-k ensemble", ""]
+    if top_k["trials"]:
+        lines.append(f"Average of the OOF predictions of the top {len(top_k['trials'])} finished trial(s) "
+                     f"(k = {top_k['k']}), whatever their searched values: " + _ensemble_line(top_k) + ".")
     else:
         lines.append("No finished trial to ensemble.")
+    lines += ["", "## Seed ensembles", ""]
+    if report["seed_ensembles"]:
+        lines.append("Finished trials that share every searched value but `train.seed`, averaged:")
+        lines += [""] + [f"- {entry['params']}: " + _ensemble_line(entry) for entry in report["seed_ensembles"]]
+    else:
+        lines.append("None: no two finished trials share every searched value but the seed"
+                     + ("." if SEED_KEY in searched else " (train.seed is not searched)."))
     lines += ["", "## Baselines on the same folds", "", "| baseline | CV RMSE | per-fold RMSE |", "|---|---|---|"]
     names = {"mean": "predict the training folds' mean", "tfidf_ridge": "TF-IDF (1-2 grams) + ridge"}
     for key, value in report["baselines"].items():
-        lines.append(f"| {names.get(key, key)} | {value['cv_rmse']:.4f} | {' / '.join(f'{v:.3f}' for v in value['fold_rmse'])} |")
+        lines.append(f"| {names.get(key, key)} | {value['pooled_rmse']:.4f} | "
+                     f"{' / '.join(f'{v:.3f}' for v in value['fold_rmse'])} |")
     lines += ["", f"Note: {report['note']}", "", "## Plots", ""]
     lines += [f"![{title}]({name})" for title, name in plots.items()]
     return "\n".join(lines) + "\n"
@@ -170,51 +204,54 @@ def write_plots(run_dir: Path, loaded: dict, report: dict) -> dict[str, str]:
         plt.close(fig)
         plots[title] = name
 
-    # Predicted versus target: the best trial and the ensemble.
+    # Predicted versus target at the last point: the best trial and the top-k ensemble.
     panels = []
     if report["best_trial"]:
         panels.append((f"best trial {report['best_trial']}", loaded["oofs"][report["best_trial"]]))
-    if report["ensemble"]["trials"]:
-        panels.append((f"ensemble of {len(report['ensemble']['trials'])}", ensemble([loaded["oofs"][m] for m in report["ensemble"]["trials"]])))
+    members = report["top_k_ensemble"]["trials"]
+    if members:
+        panels.append((f"top-{len(members)} ensemble", ensemble([loaded["oofs"][m] for m in members])))
     if panels:
         fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.6), squeeze=False)
-        for ax, (title, oof) in zip(axes[0], panels):
-            ax.scatter(oof["target"], oof["pred_best"], s=6, alpha=0.5)
+        for ax, (title, oof) in zip(axes[0], panels, strict=True):
+            ax.scatter(oof["target"], oof["pred_last"], s=6, alpha=0.5)
             low, high = oof["target"].min(), oof["target"].max()
             ax.plot([low, high], [low, high], color="black", linewidth=1)
-            ax.set(title=f"{title}: RMSE {rmse(oof, 'pred_best'):.4f}", xlabel="target", ylabel="out-of-fold prediction (best point)")
+            ax.set(title=f"{title}: RMSE {rmse(oof, 'pred_last'):.4f}", xlabel="target",
+                   ylabel="out-of-fold prediction (last point)")
         save(fig, "pred_vs_target.png", "Predicted versus target")
 
-    # Pooled RMSE versus evaluation point for every trial; an x marks where ASHA stopped a trial.
+    # Pooled last-point RMSE versus evaluation point for every trial; an x marks where ASHA stopped a trial.
     if loaded["curves"]:
         fig, ax = plt.subplots(figsize=(7, 4.6))
         for trial_id, curve in sorted(loaded["curves"].items()):
-            line, = ax.plot(curve["eval_point"], curve["cv_rmse"], marker=".", label=trial_id)
+            line, = ax.plot(curve["eval_point"], curve["cv_rmse_last"], marker=".", label=trial_id)
             if trials.get(trial_id, {}).get("status") == "stopped":
-                ax.plot(curve["eval_point"].iloc[-1], curve["cv_rmse"].iloc[-1], "x", color=line.get_color(), markersize=10)
+                ax.plot(curve["eval_point"].iloc[-1], curve["cv_rmse_last"].iloc[-1], "x", color=line.get_color(),
+                        markersize=10)
         for name, value in report["baselines"].items():
-            ax.axhline(value["cv_rmse"], linestyle="--", color="grey", linewidth=1)
-            ax.annotate(name, (1, value["cv_rmse"]), fontsize=8, color="grey")
-        ax.set(xlabel="evaluation point", ylabel="pooled OOF RMSE (cv_rmse)", title="Trials over evaluation points (x: stopped by ASHA)")
+            ax.axhline(value["pooled_rmse"], linestyle="--", color="grey", linewidth=1)
+            ax.annotate(name, (1, value["pooled_rmse"]), fontsize=8, color="grey")
+        ax.set(xlabel="evaluation point", ylabel="pooled OOF RMSE (cv_rmse_last)",
+               title="Trials over evaluation points (x: stopped by ASHA)")
         if len(loaded["curves"]) <= 12:
             ax.legend(fontsize=7)
         save(fig, "cv_rmse_curves.png", "Pooled RMSE versus evaluation point")
 
-    # RMSE by searched hyperparameter.
-    scored = [t for t in report["trials"] if t["cv_rmse_best"] is not None]
+    # Last-point RMSE by searched hyperparameter.
+    scored = [t for t in report["trials"] if t["cv_rmse_last"] is not None]
     if report["searched"] and scored:
         keys = report["searched"]
         fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.8), squeeze=False)
-        for ax, key in zip(axes[0], keys):
+        for ax, key in zip(axes[0], keys, strict=True):
             for status, marker in (("finished", "o"), ("stopped", "x")):
-                points = [(t["params"].get(key), t["cv_rmse_best"]) for t in scored if t["status"] == status]
+                points = [(t["params"].get(key), t["cv_rmse_last"]) for t in scored if t["status"] == status]
                 if points:
-                    ax.scatter(*zip(*points), marker=marker, label=status)
+                    ax.scatter(*zip(*points, strict=True), marker=marker, label=status)
             values = [t["params"].get(key) for t in scored if isinstance(t["params"].get(key), (int, float))]
             if values and min(values) > 0 and max(values) / min(values) > 20:
                 ax.set_xscale("log")
-            ax.set(xlabel=key, ylabel="CV RMSE (best point)")
+            ax.set(xlabel=key, ylabel="CV RMSE (last point)")
             ax.legend(fontsize=7)
         save(fig, "rmse_by_param.png", "RMSE by searched hyperparameter")
     return plots
-

@@ -14,22 +14,30 @@ import math
 import os
 import socket
 import time
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
-from raycv import RaycvError, write_atomic
-from raycv.config import Config, dump_yaml, to_param_space
+from raycv import RaycvError, storage
+from raycv.collect import gather_trials, prune_fold_checkpoints
+from raycv.config import Config, dump_yaml
+from raycv.data import EncodedFolds, encode_folds
+from raycv.model import load_tokenizer
+from raycv.report import write_report
+from raycv.scoring import compute_baselines
+from raycv.train_fold import trial_eval_points
 
 TRIAL_DRIVER_CPU = 0.25  # the Tune trial's own actor; the fold workers reserve their own resources
 
 
-def train_driver_fn(params: dict, base_config: dict, encoded, num_points: int) -> None:
+def train_driver_fn(params: dict, base_config: dict, encoded: EncodedFolds, num_points: int) -> None:
     """One Tune trial: this hyperparameter set's `num_folds` fold workers in one TorchTrainer."""
     from ray import tune
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raycv.worker import train_fn_per_worker, train_run_name
+    from raycv.worker import train_fn_per_worker
 
     config = Config.model_validate(base_config).with_overrides(params)
     trial_id = tune.get_context().get_trial_id()
@@ -49,7 +57,7 @@ def train_driver_fn(params: dict, base_config: dict, encoded, num_points: int) -
             resources_per_worker={"CPU": config.resources.cpus_per_fold, **({"GPU": gpus} if gpus > 0 else {})},
         ),
         run_config=RunConfig(
-            name=train_run_name(trial_id),
+            name=storage.train_run_name(trial_id),
             storage_path=config.run.storage_path,
             callbacks=[TuneReportCallback()],
             failure_config=FailureConfig(max_failures=config.run.max_failures),
@@ -121,11 +129,19 @@ def plan_resources(config: Config, joined: bool) -> tuple[float, int]:
     gpu_need = folds * gpus
     short = []
     if cpu_need > cpus:
-        short.append(f"{cpu_need:g} CPUs ({folds} folds x resources.cpus_per_fold {config.resources.cpus_per_fold:g} + {TRIAL_DRIVER_CPU} for the trial), the cluster has {cpus:g}")
+        short.append(
+            f"{cpu_need:g} CPUs ({folds} folds x resources.cpus_per_fold {config.resources.cpus_per_fold:g} "
+            f"+ {TRIAL_DRIVER_CPU} for the trial), the cluster has {cpus:g}"
+        )
     if gpu_need > gpus_total:
-        short.append(f"{gpu_need:g} GPUs ({folds} folds x resources.gpus_per_fold {gpus:g}), the cluster has {gpus_total:g}")
+        short.append(
+            f"{gpu_need:g} GPUs ({folds} folds x resources.gpus_per_fold {gpus:g}), the cluster has {gpus_total:g}"
+        )
     if short and not joined:
-        raise RaycvError(f"one trial needs {'; and '.join(short)}; lower resources.cpus_per_fold / gpus_per_fold or join a cluster with --address")
+        raise RaycvError(
+            f"one trial needs {'; and '.join(short)}; "
+            "lower resources.cpus_per_fold / gpus_per_fold or join a cluster with --address"
+        )
     if short:
         print(f"waiting for the autoscaler: one trial needs {'; '.join(short)}")
     fits = [math.floor(cpus / cpu_need)] + ([math.floor(gpus_total / gpu_need)] if gpu_need else [])
@@ -133,39 +149,56 @@ def plan_resources(config: Config, joined: bool) -> tuple[float, int]:
     return gpus, concurrent
 
 
-def run_sweep(config: Config, address: str | None = None) -> int:
-    from raycv.collect import compute_baselines
-    from raycv.data import encode_folds
-    from raycv.train_fold import trial_eval_points
+def to_param_space(config: Config) -> dict[str, Any]:
+    """The `search` section as Ray Tune samplers, keyed by dotted config key."""
+    from ray import tune
 
+    samplers = {"choice": tune.choice, "grid": tune.grid_search}
+    space = {}
+    for key, dim in config.search.params.items():
+        value = getattr(dim, dim.kind)
+        if dim.kind in samplers:
+            space[key] = samplers[dim.kind](list(value))
+        else:
+            space[key] = getattr(tune, dim.kind)(*value)
+    return space
+
+
+def run_sweep(config: Config, address: str | None = None) -> int:
     output_dir = Path(config.run.output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
         raise RaycvError(
             f"{output_dir} already holds a run; choose another with run.name=NAME (or run.output_dir=DIR), "
             f"or rebuild its report with: raycv report {output_dir}"
         )
-    table, tokens, pad_id = encode_folds(config)  # bad data fails here, before Ray starts
+    encoded = encode_folds(config, load_tokenizer(config.model))  # bad data fails here, before Ray starts
+    table = encoded.table
     valid_sizes = table["fold"].value_counts().sort_index().tolist()
     num_points = trial_eval_points(config.train, table["fold"])
     max_t = config.scheduler.max_t or num_points
     if max_t > num_points:
         raise RaycvError(f"scheduler.max_t is {max_t} but a trial has only {num_points} evaluation points; lower it")
     if config.scheduler.grace_period > max_t:
-        raise RaycvError(f"scheduler.grace_period {config.scheduler.grace_period} exceeds the {max_t} evaluation points of a trial")
+        raise RaycvError(
+            f"scheduler.grace_period {config.scheduler.grace_period} exceeds the {max_t} evaluation points of a trial"
+        )
 
     started = start_ray(address)
     try:
         gpus, concurrent = plan_resources(config, joined=not started)
         config.resources.gpus_per_fold = gpus
         output_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(output_dir / "resolved_config.yaml", lambda tmp: Path(tmp).write_text(dump_yaml(config)))
-        write_atomic(output_dir / "folds.csv", lambda tmp: table[["id", "fold", "target"]].to_csv(tmp, index=False))
-        write_atomic(output_dir / "baselines.json", lambda tmp: Path(tmp).write_text(json.dumps(compute_baselines(table), indent=2)))
+        storage.write_text_atomic(output_dir / "resolved_config.yaml", dump_yaml(config))
+        storage.write_atomic(
+            output_dir / "folds.csv", lambda tmp: table[["id", "fold", "target"]].to_csv(tmp, index=False)
+        )
+        storage.write_text_atomic(output_dir / "baselines.json", json.dumps(compute_baselines(table), indent=2))
         print(f"raycv tune {config.run.name}: {len(table)} rows, {config.data.num_folds} folds "
               f"({'/'.join(map(str, valid_sizes))} validation rows), {num_points} evaluation points "
-              f"per trial, batch {config.train.batch_size}, {gpus:g} GPU + {config.resources.cpus_per_fold:g} CPU per fold, "
+              f"per trial, batch {config.train.batch_size}, "
+              f"{gpus:g} GPU + {config.resources.cpus_per_fold:g} CPU per fold, "
               f"up to {concurrent} trial(s) at a time; output {output_dir}")
-        results = _fit(config, (table[["id", "target", "fold"]], tokens, pad_id), num_points, max_t, concurrent)
+        results = _fit(config, encoded.for_workers(), num_points, max_t, concurrent)
         return _finish(config, results, num_points, max_t)
     finally:
         if started:
@@ -174,7 +207,7 @@ def run_sweep(config: Config, address: str | None = None) -> int:
             ray.shutdown()
 
 
-def _fit(config: Config, encoded, num_points: int, max_t: int, concurrent: int):
+def _fit(config: Config, encoded: EncodedFolds, num_points: int, max_t: int, concurrent: int):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -205,32 +238,32 @@ def _fit(config: Config, encoded, num_points: int, max_t: int, concurrent: int):
 
 
 def _finish(config: Config, results, num_points: int, max_t: int) -> int:
-    from raycv.collect import gather_trials, prune_fold_checkpoints
-    from raycv.report import write_report
-
     output_dir = Path(config.run.output_dir)
-    trials = gather_trials(results, config, max_t)
-    write_atomic(
-        output_dir / "run.json",
-        lambda tmp: Path(tmp).write_text(json.dumps(
-            {"name": config.run.name, "num_points": num_points, "max_t": max_t, "scheduler": config.scheduler.type,
-             "searched": list(config.search.params), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-             "trials": trials}, indent=2)),
-    )
+    trials = gather_trials(results, config.run.storage_path, output_dir, max_t)
+    run = {"name": config.run.name, "num_points": num_points, "max_t": max_t, "scheduler": config.scheduler.type,
+           "searched": list(config.search.params), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "trials": [asdict(trial) for trial in trials]}
+    storage.write_text_atomic(output_dir / "run.json", json.dumps(run, indent=2))
     paths = write_report(output_dir)
-    prune_fold_checkpoints(config, paths["report"])
     report = paths["report"]
+    prune_fold_checkpoints(config.run.storage_path, report, config.run.keep_fold_models)
     best = report.get("best_trial")
     counts = {s: sum(t["status"] == s for t in report["trials"]) for s in ("finished", "stopped", "error")}
-    print(f"trials: {len(report['trials'])} ({counts['finished']} finished, {counts['stopped']} stopped by ASHA, {counts['error']} errors)")
+    print(f"trials: {len(report['trials'])} ({counts['finished']} finished, {counts['stopped']} stopped by ASHA, "
+          f"{counts['error']} errors)")
     if best:
         row = next(t for t in report["trials"] if t["trial_id"] == best)
-        print(f"best trial {best}: cv_rmse_best {row['cv_rmse_best']:.4f}, cv_rmse_last {row['cv_rmse_last']:.4f}, params {row['params']}")
-    if report["ensemble"].get("cv_rmse") is not None:
-        print(f"seed ensemble of {len(report['ensemble']['trials'])} trials: cv_rmse {report['ensemble']['cv_rmse']:.4f}")
+        print(f"best trial {best}: cv_rmse_last {row['cv_rmse_last']:.4f}, cv_rmse_best {row['cv_rmse_best']:.4f}, "
+              f"params {row['params']}")
+    top_k = report["top_k_ensemble"]
+    if top_k["trials"]:
+        print(f"top-{len(top_k['trials'])} ensemble: cv_rmse_last {top_k['cv_rmse_last']:.4f}, "
+              f"cv_rmse_best {top_k['cv_rmse_best']:.4f}")
+    for entry in report["seed_ensembles"]:
+        print(f"seed ensemble of {len(entry['trials'])} trials with {entry['params']}: "
+              f"cv_rmse_last {entry['cv_rmse_last']:.4f}, cv_rmse_best {entry['cv_rmse_best']:.4f}")
     baselines = report["baselines"]
-    print(f"baselines on the same folds: training mean {baselines['mean']['cv_rmse']:.4f}, "
-          f"TF-IDF + ridge {baselines['tfidf_ridge']['cv_rmse']:.4f}")
+    print(f"baselines on the same folds: training mean {baselines['mean']['pooled_rmse']:.4f}, "
+          f"TF-IDF + ridge {baselines['tfidf_ridge']['pooled_rmse']:.4f}")
     print(f"report: {paths['report_md']}")
     return 0 if counts["finished"] + counts["stopped"] > 0 else 1
-

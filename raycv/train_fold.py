@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
 from sklearn.metrics import root_mean_squared_error
+from transformers import get_linear_schedule_with_warmup
 
 from raycv.config import Config, TrainConfig
-from raycv.data import bucketed_batches, collate, sorted_batches
+from raycv.data import EncodedFolds, bucketed_batches, collate, sorted_batches
 from raycv.model import autocast_dtype, build_model, param_groups
 
 
@@ -39,8 +40,9 @@ class FoldData:
     pad_id: int
 
 
-def split_fold(table: pd.DataFrame, tokens: list[list[int]], fold: int, pad_id: int) -> FoldData:
-    """`table` is the fold table (id, target, fold) in the same order as `tokens`."""
+def split_fold(encoded: EncodedFolds, fold: int) -> FoldData:
+    """Fold `fold`'s validation rows and the rest (its training rows), from the driver's encoded table."""
+    table, tokens = encoded.table, encoded.tokens
     is_valid = (table["fold"] == fold).to_numpy()
     pick = lambda mask: [tokens[i] for i in np.flatnonzero(mask)]  # noqa: E731
     return FoldData(
@@ -51,7 +53,7 @@ def split_fold(table: pd.DataFrame, tokens: list[list[int]], fold: int, pad_id: 
         valid_ids=table["id"][is_valid].tolist(),
         valid_tokens=pick(is_valid),
         valid_targets=table["target"][is_valid].to_numpy(dtype=np.float32),
-        pad_id=pad_id,
+        pad_id=encoded.pad_id,
     )
 
 
@@ -93,7 +95,10 @@ class FoldResult:
 
     def predictions(self) -> pd.DataFrame:
         return pd.DataFrame(
-            {"id": self.ids, "fold": self.fold, "target": self.targets, "pred_best": self.pred_best, "pred_last": self.pred_last}
+            {
+                "id": self.ids, "fold": self.fold, "target": self.targets,
+                "pred_best": self.pred_best, "pred_last": self.pred_last,
+            }
         )
 
 
@@ -109,7 +114,9 @@ def steps_per_epoch(train_rows: int, batch_size: int) -> int:
 def num_eval_points(train: TrainConfig, train_rows: int) -> int:
     """How many evaluation points a fold with `train_rows` training rows gets."""
     total = train.epochs * steps_per_epoch(train_rows, train.batch_size)
-    wanted = train.epochs * train.evals_per_epoch if train.evals_per_epoch else math.ceil(total / train.eval_every_n_steps)
+    wanted = (
+        train.epochs * train.evals_per_epoch if train.evals_per_epoch else math.ceil(total / train.eval_every_n_steps)
+    )
     return min(wanted, total)
 
 
@@ -169,8 +176,6 @@ def train_fold(
     )
     per_epoch = steps_per_epoch(len(data.train_ids), train.batch_size)
     total_steps = train.epochs * per_epoch
-    from transformers import get_linear_schedule_with_warmup
-
     scheduler = get_linear_schedule_with_warmup(optimizer, int(train.warmup_ratio * total_steps), total_steps)
     num_points = num_points or num_eval_points(train, len(data.train_ids))
     points = eval_steps(total_steps, num_points)
@@ -204,7 +209,9 @@ def train_fold(
         # The batch order of an epoch depends only on (seed, epoch), so a resumed run skips to where it was.
         batches = bucketed_batches(lengths, train.batch_size, np.random.default_rng([seed, epoch]))
         for index in batches[step - epoch * per_epoch :]:
-            batch = {k: v.to(device, non_blocking=True) for k, v in collate(data.train_tokens, index, data.pad_id).items()}
+            batch = {
+                k: v.to(device, non_blocking=True) for k, v in collate(data.train_tokens, index, data.pad_id).items()
+            }
             target = targets[index].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 pred = model(**batch)
@@ -228,7 +235,10 @@ def train_fold(
                 best_preds = preds
             last_preds = preds
             train_loss = float(loss_sum) / max(loss_rows, 1)
-            curve.append({"point": len(curve) + 1, "step": step, "epoch": step / per_epoch, "train_loss": train_loss, "val_rmse": rmse})
+            curve.append({
+                "point": len(curve) + 1, "step": step, "epoch": step / per_epoch,
+                "train_loss": train_loss, "val_rmse": rmse,
+            })
             elapsed = time.perf_counter() - started
             if on_eval is not None:
                 on_eval(
@@ -248,14 +258,4 @@ def train_fold(
     return FoldResult(
         fold=data.fold, ids=data.valid_ids, targets=data.valid_targets,
         pred_best=best_preds, pred_last=last_preds, curve=curve,
-    )
-
-
-def format_progress(point: EvalPoint, trial: str | None = None) -> str:
-    """The fixed-format line printed once per evaluation point."""
-    who = f"trial {trial} | " if trial else ""
-    return (
-        f"{who}fold {point.fold} | point {point.index}/{point.num_points} | step {point.step}/{point.total_steps} | "
-        f"epoch {point.epoch:.2f} | train_loss {point.train_loss:.4f} | val_rmse {point.val_rmse:.4f} | "
-        f"best {point.best_rmse:.4f} | {point.samples_per_s:.1f} samples/s | {point.elapsed_s:.0f} s"
     )

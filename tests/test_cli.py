@@ -13,10 +13,10 @@ import pytest
 from sklearn.metrics import root_mean_squared_error
 
 from raycv.cli import main
-from raycv.config import load_config
 from raycv.data import load_folds
+from raycv.spaces import load_config
 
-from conftest import SPACES_DIR
+from helpers import SPACES_DIR
 
 SMOKE = str(SPACES_DIR / "smoke.yaml")
 # The smoke space's values the assertions below count on, pinned so an edit of the shipped file does not break them.
@@ -53,7 +53,9 @@ def test_validate_shows_rows_folds_tokens_and_parameters(train_csv, capsys):
     assert f"path: {train_csv.resolve()}" in config_text and "max_rows: 450" in config_text  # the resolved config
     assert f"rows: 450 from {train_csv.resolve()}" in report
     assert "folds: 3 (seed 1000), validation rows per fold: 150/150/150" in report
-    tokens = re.search(r"tokens per excerpt: mean (\d+), p90 (\d+), max (\d+); ([\d.]+)% truncated at max_length 128", report)
+    tokens = re.search(
+        r"tokens per excerpt: mean (\d+), p90 (\d+), max (\d+); ([\d.]+)% truncated at max_length 128", report
+    )
     assert tokens, report
     assert 200 < int(tokens[1]) < 235 and int(tokens[3]) > 256 and float(tokens[4]) == 100.0
     assert re.search(r"useful-token fraction at batch 16: length-bucketed 1\.000, fixed padding 1\.000", report)
@@ -73,8 +75,8 @@ def expected_tiny_parameters() -> int:
 
 
 def test_validate_reports_padding_at_a_length_that_truncates_less(train_csv, capsys):
-    code, out, _ = run(["validate", SMOKE, f"data.path={train_csv}", *PINNED, "model.max_length=256", "train.batch_size=8",
-                        "--no-model"], capsys)
+    code, out, _ = run(["validate", SMOKE, f"data.path={train_csv}", *PINNED, "model.max_length=256",
+                        "train.batch_size=8", "--no-model"], capsys)
     assert code == 0
     fractions = re.search(r"length-bucketed ([\d.]+), fixed padding ([\d.]+)", out)
     assert float(fractions[1]) > 0.99 and 0.8 < float(fractions[2]) < 0.9
@@ -123,8 +125,12 @@ def test_train_fold_writes_predictions_and_curve(train_csv, tmp_path, capsys):
     assert list(curve.columns) == ["point", "step", "epoch", "train_loss", "val_rmse"]
     assert curve["point"].tolist() == [1, 2] and curve["step"].tolist() == [19, 38]
     # The RMSEs recomputed by hand from the written predictions.
-    assert root_mean_squared_error(predictions["target"], predictions["pred_last"]) == pytest.approx(curve["val_rmse"].iloc[-1], abs=1e-5)
-    assert root_mean_squared_error(predictions["target"], predictions["pred_best"]) == pytest.approx(curve["val_rmse"].min(), abs=1e-5)
+    assert root_mean_squared_error(predictions["target"], predictions["pred_last"]) == pytest.approx(
+        curve["val_rmse"].iloc[-1], abs=1e-5
+    )
+    assert root_mean_squared_error(predictions["target"], predictions["pred_best"]) == pytest.approx(
+        curve["val_rmse"].min(), abs=1e-5
+    )
     resolved = load_config(out_dir / "resolved_config.yaml")
     assert resolved.train.epochs == 2 and resolved.data.path == str(train_csv.resolve())
 
@@ -161,12 +167,16 @@ def test_several_problems_give_one_line_each(train_csv, capsys):
 def test_a_missing_yaml(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     [line] = bad_input(["validate", "spaces/nope.yaml"], capsys)
-    assert line.startswith("raycv: error: search space spaces/nope.yaml not found, and no bundled one is named nope.yaml")
+    assert line.startswith(
+        "raycv: error: search space spaces/nope.yaml not found, and no bundled one is named nope.yaml"
+    )
 
 
 def test_a_fold_out_of_range_writes_nothing(train_csv, capsys, tmp_path):
     out_dir = tmp_path / "fold3"
-    [line] = bad_input(["train-fold", SMOKE, "--fold", "3", f"data.path={train_csv}", "data.num_folds=3", "--out-dir", out_dir], capsys)
+    [line] = bad_input(
+        ["train-fold", SMOKE, "--fold", "3", f"data.path={train_csv}", "data.num_folds=3", "--out-dir", out_dir], capsys
+    )
     assert line == "raycv: error: --fold 3 is out of range; data.num_folds is 3 (0..2)"
     assert not out_dir.exists()
     bad_input(["train-fold", SMOKE, "--fold", "-1", f"data.path={train_csv}", "--out-dir", out_dir], capsys)

@@ -5,22 +5,24 @@ real head (`ray start --head`, token authentication on) takes the smoke run as a
 Every command here has a hard time limit; the head is stopped at the end whatever happens.
 """
 
-import copy
+import contextlib
 import json
 import os
 import re
 import secrets
+import signal
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import requests
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO_DIR, kill_group
+
+REPO = REPO_DIR
 CLUSTER_YAML = REPO / "cluster.yaml"
 SMALL = ["search.num_samples=1", "train.epochs=3"]  # 2 trials (the smoke grid), 3 evaluation points each
 
@@ -94,26 +96,41 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    """`ray start --head` as cluster.yaml starts it, with its own token file; stopped at the end."""
+    """`ray start --head --block` as cluster.yaml starts it, with its own token file, in a process group of
+    its own: the end of the module ends that group (the head and every process it started), nothing else."""
     home = tmp_path_factory.mktemp("head")
     token_path = home / "auth_token"
     token_path.write_text(secrets.token_hex(32))
     ports = {"gcs": free_port(), "dashboard": free_port(), "metrics": free_port()}
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
     env.pop("RAY_ADDRESS", None)
-    ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]
-    start = subprocess.run(
-        ray_cli + ["start", "--head", f"--port={ports['gcs']}", "--dashboard-host=127.0.0.1",
-                   f"--dashboard-port={ports['dashboard']}", f"--metrics-export-port={ports['metrics']}",
-                   "--num-cpus=2", "--disable-usage-stats"],
-        env=env, capture_output=True, text=True, timeout=180,
+    dashboard = f"http://127.0.0.1:{ports['dashboard']}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={ports['gcs']}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
+         f"--metrics-export-port={ports['metrics']}", "--num-cpus=2", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
-    assert start.returncode == 0, start.stdout + start.stderr
     try:
+        deadline = time.monotonic() + 180
+        while not dashboard_answers(dashboard, token_path.read_text().strip()):
+            assert proc.poll() is None, "ray start --head exited"
+            assert time.monotonic() < deadline, "the head's dashboard did not answer within 180 s"
+            time.sleep(1)
         yield {"ports": ports, "token": token_path.read_text().strip(), "token_path": token_path, "env": env,
-               "address": f"127.0.0.1:{ports['gcs']}", "dashboard": f"http://127.0.0.1:{ports['dashboard']}"}
+               "address": f"127.0.0.1:{ports['gcs']}", "dashboard": dashboard}
     finally:
-        subprocess.run(ray_cli + ["stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(proc.pid, signal.SIGTERM)  # --block: ray stops the processes it started
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=60)
+        kill_group(proc)
+
+
+def dashboard_answers(url: str, token: str) -> bool:
+    try:
+        return requests.get(f"{url}/api/version", timeout=5, headers={"Authorization": f"Bearer {token}"}).ok
+    except requests.RequestException:
+        return False
 
 
 def raycv_metrics(metrics_port: int) -> dict[str, list[tuple[dict, float]]]:

@@ -8,12 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from pydantic import ValidationError
 from ray.tune.search import sample
 
 from raycv import RaycvError
-from raycv.config import BUNDLED_SPACES_DIR, Config, ConfigError, load_config, resolve_space_path, to_param_space
+from raycv.config import Config
+from raycv.spaces import BUNDLED_SPACES_DIR, ConfigError, load_config, resolve_space_path
+from raycv.sweep import to_param_space
 
-from conftest import SPACES_DIR
+from helpers import SPACES_DIR
 
 SHIPPED = sorted(SPACES_DIR.glob("*.yaml"))
 
@@ -143,7 +146,7 @@ def test_every_problem_in_a_file_is_reported_at_once(tiny_space, tmp_path):
         "data.path",
     ]), problems
     assert len(problems) == 7
-    by_key = dict(zip(keys, problems))
+    by_key = dict(zip(keys, problems, strict=True))
     assert "did you mean data.num_folds?" in by_key["data.num_fold"]
     assert "found 4" in by_key["model.max_length"]
     assert "found 'max'" in by_key["model.pooling"]
@@ -232,7 +235,7 @@ def test_sampled_values_make_valid_configs(tiny_space):
     trial = config.with_overrides({"train.lr": 1e-3, "model.pooling": "attention", "train.batch_size": 9})
     assert (trial.train.lr, trial.model.pooling, trial.train.batch_size) == (1e-3, "attention", 9)
     assert config.train.lr == 3e-3  # the original is untouched
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         config.with_overrides({"train.batch_size": 0})
 
 

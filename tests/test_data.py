@@ -12,14 +12,23 @@ import torch
 from sklearn.model_selection import StratifiedKFold
 
 from raycv import RaycvError
-from raycv.config import DataConfig, ModelConfig, load_config
+from raycv.config import DataConfig, ModelConfig
 from raycv.data import (
-    assign_folds, bucketed_batches, collate, encode_folds, load_folds, read_rows, sample_rows, sorted_batches,
-    tokenize, useful_token_fraction,
+    assign_folds,
+    bucketed_batches,
+    collate,
+    encode_folds,
+    load_folds,
+    read_rows,
+    sample_rows,
+    sorted_batches,
+    tokenize,
+    useful_token_fraction,
 )
 from raycv.model import load_tokenizer
+from raycv.spaces import load_config
 
-from conftest import SPACES_DIR
+from helpers import SPACES_DIR
 
 NUM_ROWS = 2834
 
@@ -167,7 +176,10 @@ def test_a_clean_small_csv_loads(small_csv, tmp_path):
 def test_a_missing_column_is_refused(small_csv, tmp_path):
     data, _ = small_csv(tmp_path / "a.csv", lambda df: df.drop(columns=["target"]))
     message = refusal(data)
-    assert "missing column(s) target (data.target_column); found id, url_legal, license, excerpt, standard_error" in message
+    assert (
+        "missing column(s) target (data.target_column); found id, url_legal, license, excerpt, standard_error"
+        in message
+    )
 
 
 def test_renamed_columns_are_read_through_the_config(small_csv, tmp_path):
@@ -213,7 +225,9 @@ def test_an_empty_id_is_refused_naming_the_line(small_csv, tmp_path):
 
 def test_many_bad_rows_are_counted_not_all_listed(small_csv, tmp_path):
     data, df = small_csv(tmp_path / "f.csv", lambda df: df.assign(target=["x"] * 8 + list(df["target"][8:])))
-    assert refusal(data) == f"{data.path}: 8 row(s) with a missing or non-finite target: " + ", ".join(df["id"][:5]) + " and 3 more"
+    assert refusal(data) == (
+        f"{data.path}: 8 row(s) with a missing or non-finite target: " + ", ".join(df["id"][:5]) + " and 3 more"
+    )
 
 
 def test_too_few_rows_for_the_folds_are_refused(small_csv, tmp_path):
@@ -274,7 +288,7 @@ def test_bucketed_batches_are_shuffled_but_reproducible(lengths):
     first = bucketed_batches(lengths, 16, np.random.default_rng(5))
     again = bucketed_batches(lengths, 16, np.random.default_rng(5))
     other = bucketed_batches(lengths, 16, np.random.default_rng(6))
-    assert all(np.array_equal(a, b) for a, b in zip(first, again)) and len(first) == len(again)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=False)) and len(first) == len(again)
     assert [b.tolist() for b in first] != [b.tolist() for b in other]
     # Not simply sorted by length: batch lengths go up and down.
     longest = np.array([lengths[b].max() for b in first])
@@ -328,13 +342,17 @@ def test_collate_on_real_batches(rows, tokenizer):
 
 
 def test_encode_folds_keeps_tokens_in_table_order(train_csv):
-    config = load_config(SPACES_DIR / "smoke.yaml", [f"data.path={train_csv}", "data.max_rows=450", "model.max_length=128"])
+    config = load_config(
+        SPACES_DIR / "smoke.yaml", [f"data.path={train_csv}", "data.max_rows=450", "model.max_length=128"]
+    )
 
-    table, tokens, pad_id = encode_folds(config)
+    tokenizer = load_tokenizer(config.model)
+    encoded = encode_folds(config, tokenizer)
+    table, tokens = encoded.table, encoded.tokens
 
     assert len(table) == len(tokens) == 450
-    assert pad_id == 0
-    tokenizer = load_tokenizer(config.model)
+    assert encoded.pad_id == 0
+    assert list(encoded.for_workers().table.columns) == ["id", "target", "fold"]  # no texts shipped to workers
     for i in (0, 17, 449):
         assert tokens[i] == tokenizer(table["text"][i], truncation=True, max_length=128)["input_ids"]
     assert max(len(t) for t in tokens) == 128

@@ -11,14 +11,21 @@ import torch
 
 from raycv import RaycvError
 from raycv.cli import main
-from raycv.config import ModelConfig, TinyBackbone, load_config
+from raycv.config import ModelConfig, TinyBackbone
 from raycv.data import collate, encode_folds
 from raycv.model import (
-    Regressor, build_model, layer_depth, load_tokenizer, minilm_dir, param_groups, read_structbert_state_dict,
+    Regressor,
+    build_model,
+    layer_depth,
+    load_tokenizer,
+    minilm_dir,
+    param_groups,
+    read_structbert_state_dict,
 )
+from raycv.spaces import load_config
 from raycv.train_fold import split_fold, train_fold
 
-from conftest import LAYOUT_PREFIXES, PRETRAINING_HEADS
+from helpers import LAYOUT_PREFIXES, PRETRAINING_HEADS
 
 SENTENCES = ["The quick brown fox jumps over the lazy dog.", "Readability is hard to MEASURE, isn't it?"]
 
@@ -114,7 +121,9 @@ def test_a_checkpoint_that_does_not_fit_is_refused(structbert_files, tmp_path, c
     code, stdout, stderr = convert(files, out, capsys)
 
     assert code == 2
-    assert stderr.count("\n") == 1 and stderr.startswith(f"raycv: error: {files.checkpoint} does not fit {files.config}: ")
+    assert stderr.count("\n") == 1 and stderr.startswith(
+        f"raycv: error: {files.checkpoint} does not fit {files.config}: "
+    )
     assert expected in stderr
     assert "Traceback" not in stderr and stdout == ""
     assert not out.exists()
@@ -165,7 +174,10 @@ def test_conversion_into_an_existing_empty_directory(structbert_files, tmp_path,
 @pytest.fixture
 def structbert_space(structbert_files, tiny_space):
     files = structbert_files("module")
-    backbone = {"type": "structbert", "checkpoint": str(files.checkpoint), "config": str(files.config), "vocab": str(files.vocab)}
+    backbone = {
+        "type": "structbert", "checkpoint": str(files.checkpoint), "config": str(files.config),
+        "vocab": str(files.vocab),
+    }
     return files, lambda **model: tiny_space({"model": {"backbone": backbone, "max_length": 64, **model},
                                               "train": {"epochs": 1, "evals_per_epoch": 2}})
 
@@ -180,8 +192,8 @@ def test_a_structbert_backbone_in_a_config_trains(structbert_space):
     tokenizer = load_tokenizer(config.model)
     assert tokenizer("Hello WORLD")["input_ids"] == load_tokenizer(ModelConfig())("hello world")["input_ids"]
 
-    table, tokens, pad_id = encode_folds(config)
-    result = train_fold(config, split_fold(table, tokens, 0, pad_id), device=torch.device("cpu"))
+    encoded = encode_folds(config, tokenizer)
+    result = train_fold(config, split_fold(encoded, 0), device=torch.device("cpu"))
 
     assert len(result.curve) == 2 and all(np.isfinite(row["val_rmse"]) for row in result.curve)
     assert len(result.pred_last) == 150 and np.isfinite(result.pred_last).all()
@@ -249,7 +261,9 @@ def test_poolings_differ():
     torch.manual_seed(0)
     ids = torch.randint(1000, 2000, (2, 10))
     mask = torch.ones_like(ids)
-    outs = {p: build_model(tiny_model_config(pooling=p), seed=3).eval()(ids, mask) for p in ("cls", "mean", "attention")}
+    outs = {
+        p: build_model(tiny_model_config(pooling=p), seed=3).eval()(ids, mask) for p in ("cls", "mean", "attention")
+    }
     assert not torch.allclose(outs["cls"], outs["mean"]) and not torch.allclose(outs["mean"], outs["attention"])
 
 
@@ -330,7 +344,9 @@ def test_the_packaged_minilm_loads_with_its_pretrained_weights():
     assert model.backbone.config.num_hidden_layers == 6 and model.backbone.config.hidden_size == 384
     tokenizer = load_tokenizer(config)
     assert tokenizer.is_fast and tokenizer.vocab_size == 30522
-    assert tokenizer(SENTENCES[0])["input_ids"] == AutoTokenizer.from_pretrained(minilm_dir())(SENTENCES[0])["input_ids"]
+    assert tokenizer(SENTENCES[0])["input_ids"] == (
+        AutoTokenizer.from_pretrained(minilm_dir())(SENTENCES[0])["input_ids"]
+    )
     ids = [tokenizer(s)["input_ids"] for s in SENTENCES]
     with torch.no_grad():
         scores = model(**collate(ids, np.arange(2), tokenizer.pad_token_id))

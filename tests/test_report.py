@@ -6,6 +6,7 @@ covered too.
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,10 @@ import pytest
 import yaml
 
 from raycv.cli import main
-from raycv.collect import compute_baselines
 from raycv.config import DataConfig
 from raycv.data import load_folds
 from raycv.report import write_report
+from raycv.scoring import compute_baselines
 
 
 def hand_rmse(truth, pred) -> float:
@@ -40,7 +41,7 @@ def run_dir(tmp_path_factory, train_csv) -> Path:
         (run_dir / "oof").mkdir(exist_ok=True)
         oof.to_csv(run_dir / "oof" / f"{trial_id}.csv", index=False)
         points = 2 if trial_id == "t_stopped" else 6
-        curve = pd.DataFrame({"eval_point": range(1, points + 1), "cv_rmse": np.linspace(1.0, scale, points)})
+        curve = pd.DataFrame({"eval_point": range(1, points + 1), "cv_rmse_last": np.linspace(1.0, scale, points)})
         (run_dir / "curves").mkdir(exist_ok=True)
         curve.to_csv(run_dir / "curves" / f"{trial_id}.csv", index=False)
     trials = [
@@ -51,7 +52,8 @@ def run_dir(tmp_path_factory, train_csv) -> Path:
          "error": "TrainingFailedError: worker died"},
     ]
     (run_dir / "run.json").write_text(json.dumps(
-        {"name": "handmade", "num_points": 6, "max_t": 6, "scheduler": "asha", "searched": ["train.lr"], "trials": trials}))
+        {"name": "handmade", "num_points": 6, "max_t": 6, "scheduler": "asha", "searched": ["train.lr"],
+         "trials": trials}))
     return run_dir
 
 
@@ -68,19 +70,53 @@ def test_report_json_scores_every_trial_from_its_oof(run_dir):
         assert by_id[trial_id]["fold_rmse_last"] == pytest.approx(per_fold, abs=1e-12)
         assert by_id[trial_id]["fold_rmse_last_std"] == pytest.approx(np.std(per_fold), abs=1e-12)
     assert by_id["t_error"]["cv_rmse_best"] is None and by_id["t_error"]["status"] == "error"
-    # Ranked by CV RMSE at the best point, trials without predictions last.
+    # Ranked by CV RMSE at the last point, trials without predictions last.
     assert [t["trial_id"] for t in report["trials"]] == ["t_stopped", "t_good", "t_fair", "t_error"]
 
 
 def test_best_trial_and_ensemble_come_from_finished_trials_only(run_dir):
     report = write_report(run_dir)["report"]
     assert report["best_trial"] == "t_good"
-    assert report["ensemble"]["k"] == 3 and report["ensemble"]["trials"] == ["t_good", "t_fair"]
+    top_k = report["top_k_ensemble"]
+    assert top_k["k"] == 3 and top_k["trials"] == ["t_good", "t_fair"]
     good = pd.read_csv(run_dir / "oof" / "t_good.csv").set_index("id")
     fair = pd.read_csv(run_dir / "oof" / "t_fair.csv").set_index("id").loc[good.index]
-    mixed = (good["pred_best"] + fair["pred_best"]) / 2
-    assert report["ensemble"]["cv_rmse"] == pytest.approx(hand_rmse(good["target"], mixed), abs=1e-12)
-    assert report["ensemble"]["cv_rmse"] < report["trials"][1]["cv_rmse_best"]  # averaging noise helps
+    for which in ("last", "best"):
+        mixed = (good[f"pred_{which}"] + fair[f"pred_{which}"]) / 2
+        assert top_k[f"cv_rmse_{which}"] == pytest.approx(hand_rmse(good["target"], mixed), abs=1e-12)
+        per_fold = [hand_rmse(good["target"][good["fold"] == k], mixed[good["fold"] == k]) for k in range(3)]
+        assert top_k[f"fold_rmse_{which}"] == pytest.approx(per_fold, abs=1e-12)
+    assert top_k["cv_rmse_last"] < report["trials"][1]["cv_rmse_last"]  # averaging noise helps
+    assert report["seed_ensembles"] == []  # train.seed is not searched here
+
+
+def test_a_seed_ensemble_averages_trials_that_differ_only_in_seed(run_dir, tmp_path):
+    """With train.seed searched, finished trials sharing every other searched value form a seed ensemble;
+    the top-k ensemble still takes the best k finished trials whatever they differ in."""
+    seeded = tmp_path / "seeded"
+    shutil.copytree(run_dir, seeded)
+    oof = pd.read_csv(seeded / "oof" / "t_fair.csv")
+    oof["pred_last"] = oof["target"] + np.random.default_rng(1).normal(0, 0.6, len(oof))
+    oof.to_csv(seeded / "oof" / "t_other.csv", index=False)
+    run = json.loads((seeded / "run.json").read_text())
+    seeds = {"t_good": 1, "t_fair": 2, "t_stopped": 3, "t_error": 4}
+    for trial in run["trials"]:
+        trial["params"] = {"train.lr": 3e-5, "train.seed": seeds[trial["trial_id"]]}
+    run["trials"].append({"trial_id": "t_other", "params": {"train.lr": 1e-5, "train.seed": 5}, "status": "finished",
+                          "eval_points": 6, "error": None})
+    run["searched"] = ["train.lr", "train.seed"]
+    (seeded / "run.json").write_text(json.dumps(run))
+
+    report = write_report(seeded)["report"]
+
+    assert report["top_k_ensemble"]["trials"] == ["t_good", "t_other", "t_fair"]
+    (entry,) = report["seed_ensembles"]
+    assert entry["params"] == {"train.lr": 3e-5} and entry["trials"] == ["t_good", "t_fair"]
+    good = pd.read_csv(seeded / "oof" / "t_good.csv").set_index("id")
+    fair = pd.read_csv(seeded / "oof" / "t_fair.csv").set_index("id").loc[good.index]
+    mixed = (good["pred_last"] + fair["pred_last"]) / 2
+    assert entry["cv_rmse_last"] == pytest.approx(hand_rmse(good["target"], mixed), abs=1e-12)
+    assert "## Seed ensembles" in (seeded / "report.md").read_text()
 
 
 def test_baselines_on_the_run_folds(run_dir):
@@ -89,8 +125,8 @@ def test_baselines_on_the_run_folds(run_dir):
     mean_pred = np.empty(len(folds))
     for fold in range(3):
         mean_pred[folds["fold"] == fold] = folds.loc[folds["fold"] != fold, "target"].mean()
-    assert report["baselines"]["mean"]["cv_rmse"] == pytest.approx(hand_rmse(folds["target"], mean_pred), abs=1e-12)
-    assert report["baselines"]["tfidf_ridge"]["cv_rmse"] < report["baselines"]["mean"]["cv_rmse"]
+    assert report["baselines"]["mean"]["pooled_rmse"] == pytest.approx(hand_rmse(folds["target"], mean_pred), abs=1e-12)
+    assert report["baselines"]["tfidf_ridge"]["pooled_rmse"] < report["baselines"]["mean"]["pooled_rmse"]
 
 
 def test_markdown_csv_and_plots(run_dir):

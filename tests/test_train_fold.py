@@ -10,26 +10,26 @@ import pytest
 import torch
 from sklearn.metrics import root_mean_squared_error
 
-from raycv.config import TrainConfig, load_config
+from raycv.config import TrainConfig
 from raycv.data import encode_folds
-from raycv.train_fold import (
-    eval_steps, fold_seed, format_progress, num_eval_points, split_fold, steps_per_epoch, train_fold,
-)
+from raycv.model import load_tokenizer
+from raycv.progress import fold_line
+from raycv.spaces import load_config
+from raycv.train_fold import eval_steps, fold_seed, num_eval_points, split_fold, steps_per_epoch, train_fold
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def encoded(space_writer, tmp_path_factory):
-    """The tiny space (450 stratified rows, 3 folds, max_length 128): config, fold table, tokens, pad id."""
+    """The tiny space (450 stratified rows, 3 folds, max_length 128): config and its EncodedFolds."""
     config = load_config(space_writer(tmp_path_factory.mktemp("train_fold")))
-    return (config, *encode_folds(config))
+    return config, encode_folds(config, load_tokenizer(config.model))
 
 
 @pytest.fixture(scope="module")
 def fold0(encoded):
-    config, table, tokens, pad_id = encoded
-    return split_fold(table, tokens, 0, pad_id)
+    return split_fold(encoded[1], 0)
 
 
 @pytest.fixture(scope="module")
@@ -42,17 +42,18 @@ def trained(encoded, fold0):
 
 
 def test_split_fold_partitions_the_table(encoded, fold0):
-    _, table, tokens, pad_id = encoded
+    table, tokens = encoded[1].table, encoded[1].tokens
     assert (len(fold0.train_ids), len(fold0.valid_ids)) == (300, 150)
     assert set(fold0.valid_ids) == set(table["id"][table["fold"] == 0])
-    assert set(fold0.train_ids) | set(fold0.valid_ids) == set(table["id"]) and not set(fold0.train_ids) & set(fold0.valid_ids)
+    assert set(fold0.train_ids) | set(fold0.valid_ids) == set(table["id"])
+    assert not set(fold0.train_ids) & set(fold0.valid_ids)
     position = {row_id: i for i, row_id in enumerate(table["id"])}
     for ids, toks, targets in ((fold0.train_ids, fold0.train_tokens, fold0.train_targets),
                                (fold0.valid_ids, fold0.valid_tokens, fold0.valid_targets)):
         assert all(toks[k] == tokens[position[row_id]] for k, row_id in enumerate(ids))
         assert np.allclose(targets, table["target"].to_numpy()[[position[r] for r in ids]])
         assert targets.dtype == np.float32
-    assert fold0.pad_id == pad_id == 0 and fold0.fold == 0
+    assert fold0.pad_id == encoded[1].pad_id == 0 and fold0.fold == 0
 
 
 def test_training_beats_predicting_the_mean(trained, fold0):
@@ -98,11 +99,11 @@ def test_evaluation_points_and_curve(trained, fold0):
 
 def test_progress_lines_have_a_fixed_format(trained):
     _, points = trained
-    line = format_progress(points[2])
+    line = fold_line(points[2])
     pattern = (r"fold 0 \| point 3/6 \| step 57/114 \| epoch 3\.00 \| train_loss \d+\.\d{4} \| val_rmse \d\.\d{4} \| "
                r"best \d\.\d{4} \| \d+\.\d samples/s \| \d+ s")
     assert re.fullmatch(pattern, line), line
-    assert format_progress(points[2], trial="7").startswith("trial 7 | fold 0 | point 3/6 |")
+    assert fold_line(points[2], trial="7").startswith("trial 7 | fold 0 | point 3/6 |")
 
 
 # ---------------------------------------------------------------- determinism and resuming

@@ -12,31 +12,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
+
+from helpers import kill_group, pooled_rmse, raycv_env, run_raycv
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1500)]
 
 RUN_LIMIT_S = 1200
-
-
-def run_raycv(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "raycv.cli", *args], cwd=cwd, env=env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True, timeout=60)
-        pytest.fail(f"raycv {' '.join(args)} ran past {timeout} s\n{out[-3000:]}\n{err[-3000:]}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +33,6 @@ def smoke_run(tmp_path_factory, train_csv):
     return {"proc": proc, "cwd": cwd, "run_dir": run_dir, "report": json.loads((run_dir / "report.json").read_text())}
 
 
-def pooled_rmse(frame: pd.DataFrame, column: str) -> float:
-    return float(np.sqrt(np.mean((frame[column].to_numpy() - frame["target"].to_numpy()) ** 2)))
-
-
 def test_run_prints_dashboard_summary_and_report_path(smoke_run):
     out = smoke_run["proc"].stdout
     assert "dashboard: http://127.0.0.1:" in out
@@ -60,7 +40,7 @@ def test_run_prints_dashboard_summary_and_report_path(smoke_run):
     assert f"report: {smoke_run['run_dir'] / 'report.md'}" in out
     assert "baselines on the same folds: training mean " in out
     everything = smoke_run["proc"].stdout + smoke_run["proc"].stderr
-    assert everything.count("| cv_rmse ") >= 2 * 6 + 2 * 2  # one progress line per trial and evaluation point
+    assert everything.count("| cv_rmse_last ") >= 2 * 6 + 2 * 2  # one progress line per trial and evaluation point
     assert "Reporting training result" not in everything  # Ray Train's per-report INFO lines are quieted
 
 
@@ -69,7 +49,10 @@ def test_report_has_one_row_per_trial(smoke_run):
     ids = [t["trial_id"] for t in report["trials"]]
     assert len(ids) == 4 == len(set(ids))  # search.num_samples 2 x a grid of 2 learning rates
     assert sorted(pd.read_csv(run_dir / "trials.csv")["trial_id"]) == sorted(ids)
-    leaderboard = [line for line in (run_dir / "report.md").read_text().splitlines() if line.startswith("| ") and line.split(" | ")[0][2:] in ids]
+    leaderboard = [
+        line for line in (run_dir / "report.md").read_text().splitlines()
+        if line.startswith("| ") and line.split(" | ")[0][2:] in ids
+    ]
     assert len(leaderboard) == 4
     assert sorted({t["params"]["train.lr"] for t in report["trials"]}) == [1e-4, 3e-3]
     for name in ("pred_vs_target.png", "cv_rmse_curves.png", "rmse_by_param.png", "folds.csv", "resolved_config.yaml"):
@@ -84,11 +67,12 @@ def test_report_rmses_equal_those_recomputed_from_oof_files(smoke_run):
         assert trial["cv_rmse_last"] == pytest.approx(pooled_rmse(oof, "pred_last"), abs=1e-9)
         per_fold = [pooled_rmse(oof[oof["fold"] == k], "pred_best") for k in range(3)]
         assert trial["fold_rmse_best"] == pytest.approx(per_fold, abs=1e-9)
-    members = report["ensemble"]["trials"]
+    members = report["top_k_ensemble"]["trials"]
     assert len(members) == 2
     oofs = [pd.read_csv(run_dir / "oof" / f"{m}.csv").set_index("id").sort_index() for m in members]
-    mixed = oofs[0].assign(pred_best=(oofs[0]["pred_best"] + oofs[1]["pred_best"]) / 2)
-    assert report["ensemble"]["cv_rmse"] == pytest.approx(pooled_rmse(mixed, "pred_best"), abs=1e-9)
+    for which in ("last", "best"):
+        mixed = oofs[0].assign(pred=(oofs[0][f"pred_{which}"] + oofs[1][f"pred_{which}"]) / 2)
+        assert report["top_k_ensemble"][f"cv_rmse_{which}"] == pytest.approx(pooled_rmse(mixed, "pred"), abs=1e-9)
 
 
 def test_tune_ranked_on_the_pooled_rmse_of_all_folds(smoke_run):
@@ -97,14 +81,15 @@ def test_tune_ranked_on_the_pooled_rmse_of_all_folds(smoke_run):
     finished = [t for t in report["trials"] if t["status"] == "finished"]
     assert finished
     for trial in finished:
-        records = [json.loads(line) for line in (run_dir / "ray" / "tune" / trial["trial_id"] / "result.json").read_text().splitlines()]
+        result_json = run_dir / "ray" / "tune" / trial["trial_id"] / "result.json"
+        records = [json.loads(line) for line in result_json.read_text().splitlines()]
         last = records[-1]
         oof = pd.read_csv(run_dir / "oof" / f"{trial['trial_id']}.csv")
         assert last["eval_point"] == report["num_points"]
-        assert last["cv_rmse"] == pytest.approx(pooled_rmse(oof, "pred_last"), abs=1e-9)
+        assert last["cv_rmse"] == last["cv_rmse_last"] == pytest.approx(pooled_rmse(oof, "pred_last"), abs=1e-9)
         assert last["cv_rmse_best"] == pytest.approx(pooled_rmse(oof, "pred_best"), abs=1e-9)
-        assert last["fold_0_rmse"] == pytest.approx(pooled_rmse(oof[oof["fold"] == 0], "pred_last"), abs=1e-9)
-        assert last["cv_rmse"] != pytest.approx(last["fold_0_rmse"], abs=1e-6)
+        assert last["fold_0_rmse_last"] == pytest.approx(pooled_rmse(oof[oof["fold"] == 0], "pred_last"), abs=1e-9)
+        assert last["cv_rmse"] != pytest.approx(last["fold_0_rmse_last"], abs=1e-6)
 
 
 def test_every_trial_oof_covers_every_row_once(smoke_run):
@@ -127,9 +112,13 @@ def test_asha_stopped_the_slow_learning_rate(smoke_run):
     assert all(t["eval_points"] < report["max_t"] for t in stopped)
     assert all(t["eval_points"] == report["max_t"] for t in finished)
     assert all(t["params"]["train.lr"] == 1e-4 for t in stopped)
+    # The finished trials share the learning rate and differ in seed: a true seed ensemble.
+    (entry,) = report["seed_ensembles"]
+    assert entry["params"] == {"train.lr": 3e-3} and sorted(entry["trials"]) == sorted(t["trial_id"] for t in finished)
     best = next(t for t in report["trials"] if t["trial_id"] == report["best_trial"])
     assert best["status"] == "finished"
-    assert best["cv_rmse_best"] < report["baselines"]["mean"]["cv_rmse"]
+    assert best["cv_rmse_last"] == min(t["cv_rmse_last"] for t in finished)  # ranked on the honest figure
+    assert best["cv_rmse_last"] < report["baselines"]["mean"]["pooled_rmse"]
 
 
 def test_only_the_best_trial_keeps_fold_checkpoints(smoke_run):
@@ -145,7 +134,9 @@ def test_only_the_best_trial_keeps_fold_checkpoints(smoke_run):
 def test_raycv_report_rebuilds_the_same_report(smoke_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(smoke_run["run_dir"], copy, ignore=shutil.ignore_patterns("ray"))
-    for name in ("report.json", "report.md", "trials.csv", "pred_vs_target.png", "cv_rmse_curves.png", "rmse_by_param.png"):
+    for name in (
+        "report.json", "report.md", "trials.csv", "pred_vs_target.png", "cv_rmse_curves.png", "rmse_by_param.png"
+    ):
         (copy / name).unlink()
     proc = run_raycv(["report", str(copy)], cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -160,41 +151,45 @@ def test_second_run_into_the_same_directory_is_refused(smoke_run, train_csv):
     assert proc.stderr.strip().count("\n") == 0 and "already holds a run" in proc.stderr
 
 
-def ray_train_worker_pids() -> list[int]:
-    pids = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if b"RayTrainWorker" in cmdline.read_bytes():
-                pids.append(int(cmdline.parent.name))
-        except (OSError, ValueError):
-            continue
-    return pids
+def fold_worker_pids(dashboard_url: str, group: int) -> list[int]:
+    """Fold workers of the Ray cluster that the raycv process group `group` started, through that cluster's
+    state API (never a process picked by name across the machine)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(
+        address=dashboard_url, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+    )
+    pids = [actor.pid for actor in actors if actor.pid]
+    return [pid for pid in pids if os.getpgid(pid) == group]  # ours: a process of the group this test started
 
 
 @pytest.mark.timeout(900)
-def test_a_killed_fold_worker_resumes_from_its_checkpoint(tmp_path, train_csv):
+def test_a_killed_fold_worker_resumes_from_its_checkpoint(tmp_path, train_csv, monkeypatch):
     """Kill one fold's process mid-trial: Ray Train restarts the worker group (run.max_failures 1) from
     the latest fold checkpoints, and the trial finishes without starting over."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "raycv.cli", "tune", "spaces/smoke.yaml", f"data.path={train_csv}",
-         "search.params={train.lr: {grid: [0.003]}}", "search.num_samples=1", "train.epochs=8"],
-        cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the state API of a local Ray 2.60 needs its token
+    log_path = tmp_path / "tune.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "raycv.cli", "tune", "spaces/smoke.yaml", f"data.path={train_csv}",
+             "search.params={train.lr: {grid: [0.003]}}", "search.num_samples=1", "train.epochs=8"],
+            cwd=tmp_path, env=raycv_env(), text=True, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
     try:
         run_dir = tmp_path / "runs" / "smoke"
         deadline = time.monotonic() + 400
         while not list((run_dir / "ray").glob("train_*/point_0003")) and time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert proc.poll() is None, log_path.read_text()[-3000:]
             time.sleep(0.5)
-        pids = ray_train_worker_pids()
+        dashboard_url = re.search(r"dashboard: (http://\S+)", log_path.read_text()).group(1)
+        pids = fold_worker_pids(dashboard_url, proc.pid)
         assert pids, "no fold worker to kill"
         os.kill(pids[0], signal.SIGKILL)
-        out, _ = proc.communicate(timeout=480)
+        proc.wait(timeout=480)
     except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
-        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True, timeout=60)
+        kill_group(proc)
         raise
+    out = log_path.read_text()
     assert proc.returncode == 0, out[-4000:]
     report = json.loads((run_dir / "report.json").read_text())
     (trial,) = report["trials"]

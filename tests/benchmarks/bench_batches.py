@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raycv.config import load_config
 from raycv.data import bucketed_batches, collate, encode_folds, useful_token_fraction
-from raycv.model import build_model, param_groups
+from raycv.model import build_model, load_tokenizer, param_groups
+from raycv.spaces import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -56,11 +56,14 @@ def main():
     backbone = [] if args.model == "tiny" else [f"model.backbone.path={args.model}"]
     config = load_config(REPO / "search_spaces" / space, [f"data.path={args.csv}", "data.max_rows=null",
                                                           "model.max_length=256", *backbone])
-    table, tokens, pad_id = encode_folds(config)
+    encoded = encode_folds(config, load_tokenizer(config.model))
+    table, tokens, pad_id = encoded.table, encoded.tokens, encoded.pad_id
     targets = torch.tensor(table["target"].to_numpy(), dtype=torch.float32)
     lengths = np.array([len(t) for t in tokens])
     rng = np.random.default_rng(0)
-    random_batches = [rng.permutation(len(tokens))[i : i + args.batch_size] for i in range(0, len(tokens), args.batch_size)]
+    random_batches = [
+        rng.permutation(len(tokens))[i : i + args.batch_size] for i in range(0, len(tokens), args.batch_size)
+    ]
     schemes = {
         "fixed padding to 256 (baseline)": (random_batches, config.model.max_length),
         "dynamic padding, random batches": (random_batches, None),
@@ -70,7 +73,9 @@ def main():
     baseline = None
     for name, (batches, width) in schemes.items():
         model = build_model(config.model, seed=0)
-        optimizer = torch.optim.AdamW([{"params": g["params"], "lr": g["lr"]} for g in param_groups(model, 1e-5, 1.0, 0.0)])
+        optimizer = torch.optim.AdamW(
+            [{"params": g["params"], "lr": g["lr"]} for g in param_groups(model, 1e-5, 1.0, 0.0)]
+        )
         rate = samples_per_second(model, optimizer, tokens, targets, batches, pad_id, width, args.steps)
         useful = lengths.sum() / (len(lengths) * width) if width else useful_token_fraction(lengths, batches)
         baseline = baseline or rate

@@ -1,0 +1,86 @@
+"""Out-of-fold predictions -> RMSEs: per fold, pooled, ensembles, and the baselines on the same folds.
+
+Used during training (rank 0 scores the pooled folds for Tune at every evaluation point) and after it (the
+report), so what ASHA ranked on and what the report shows agree by construction.
+
+Two figures per prediction set, named the same everywhere (Tune's results, progress lines, curves, report):
+- `cv_rmse_last`: every fold's predictions at its final evaluation point -- the honest figure for a fixed
+  training length, and the one Tune ranks on (Tune's metric `cv_rmse` is this number);
+- `cv_rmse_best`: each fold at its own best evaluation point, chosen on the rows it is scored on, so
+  optimistic.
+
+An OOF table has one row per training row: `id, fold, target, pred_best, pred_last`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import Ridge
+from sklearn.metrics import root_mean_squared_error
+
+WHICH = ("last", "best")
+
+
+def rmse(frame: pd.DataFrame, column: str) -> float:
+    return float(root_mean_squared_error(frame["target"], frame[column]))
+
+
+def per_fold_rmse(frame: pd.DataFrame, column: str) -> list[float]:
+    return [rmse(fold_rows, column) for _, fold_rows in frame.groupby("fold", sort=True)]
+
+
+def score_trial(oof: pd.DataFrame) -> dict:
+    """Pooled and per-fold RMSE at the last and at each fold's best evaluation point, with the folds' spread."""
+    scores = {}
+    for which in WHICH:
+        per_fold = per_fold_rmse(oof, f"pred_{which}")
+        scores[f"cv_rmse_{which}"] = rmse(oof, f"pred_{which}")
+        scores[f"fold_rmse_{which}"] = per_fold
+        scores[f"fold_rmse_{which}_mean"] = float(np.mean(per_fold))
+        scores[f"fold_rmse_{which}_std"] = float(np.std(per_fold))
+    return scores
+
+
+def oof_table(fold_rows: list[dict]) -> pd.DataFrame:
+    """Each fold's validation rows ({"fold": k, "rows": {column: values}}) -> one OOF table, in fold order."""
+    frames = [pd.DataFrame(part["rows"]) for part in sorted(fold_rows, key=lambda part: part["fold"])]
+    return pd.concat(frames, ignore_index=True)
+
+
+def ensemble(oofs: list[pd.DataFrame]) -> pd.DataFrame:
+    """Average of several trials' OOF predictions, row by row (matched on id)."""
+    stacked = pd.concat(oofs, ignore_index=True)
+    return stacked.groupby("id", sort=False).agg(
+        fold=("fold", "first"), target=("target", "first"),
+        pred_best=("pred_best", "mean"), pred_last=("pred_last", "mean"),
+    ).reset_index()
+
+
+def score_ensemble(oofs: list[pd.DataFrame]) -> dict:
+    """Both pooled figures and both per-fold lists of the average of `oofs`."""
+    mixed = ensemble(oofs)
+    scores = {}
+    for which in WHICH:
+        scores[f"cv_rmse_{which}"] = rmse(mixed, f"pred_{which}")
+        scores[f"fold_rmse_{which}"] = per_fold_rmse(mixed, f"pred_{which}")
+    return scores
+
+
+def compute_baselines(table: pd.DataFrame) -> dict:
+    """On the run's folds: predicting the training folds' mean, and TF-IDF (1-2 grams) + ridge.
+    `table` has columns text, target, fold. A baseline has one prediction per row: `pooled_rmse`."""
+    preds = {"mean": np.empty(len(table)), "tfidf_ridge": np.empty(len(table))}
+    for fold in sorted(table["fold"].unique()):
+        train, valid = (table["fold"] != fold).to_numpy(), (table["fold"] == fold).to_numpy()
+        preds["mean"][valid] = table.loc[train, "target"].mean()
+        vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
+        features = vectorizer.fit_transform(table.loc[train, "text"])
+        ridge = Ridge(alpha=1.0).fit(features, table.loc[train, "target"])
+        preds["tfidf_ridge"][valid] = ridge.predict(vectorizer.transform(table.loc[valid, "text"]))
+    baselines = {}
+    for name, pred in preds.items():
+        frame = pd.DataFrame({"fold": table["fold"], "target": table["target"], "pred": pred})
+        baselines[name] = {"pooled_rmse": rmse(frame, "pred"), "fold_rmse": per_fold_rmse(frame, "pred")}
+    return baselines

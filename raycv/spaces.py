@@ -1,0 +1,192 @@
+"""A search-space YAML + `key=value` overrides -> one validated `Config` (raycv.config), or every problem.
+
+    raycv validate search_spaces/smoke.yaml data.path=../shared/data/commonlit/train.csv
+
+Every problem in a file is reported at once, one line each: the dotted key, what was found, what is
+expected, and a did-you-mean for a misspelt key. Each value a search can draw is checked as the config it
+would produce. Relative paths resolve against the YAML's folder, then the working directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from raycv import RaycvError
+from raycv.config import BACKBONE_TYPES, LEAF_KEYS, SEARCHABLE, Config, DataConfig, Dimension, set_dotted
+
+BUNDLED_SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+
+
+class ConfigError(RaycvError):
+    """Every problem found in one search space; `problems` holds one line per problem."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source, self.problems = source, problems
+        super().__init__(f"{source}: " + " | ".join(problems))
+
+
+def resolve_space_path(arg: str | Path) -> Path:
+    """The YAML the user named; a missing `spaces/NAME.yaml` (or any missing NAME.yaml) falls back to
+    the bundled `search_spaces/NAME.yaml`."""
+    name = Path(arg).name
+    for path in (Path(arg), BUNDLED_SPACES_DIR / name):
+        if path.is_file():
+            return path
+    available = ", ".join(sorted(p.name for p in BUNDLED_SPACES_DIR.glob("*.yaml")))
+    raise RaycvError(f"search space {arg} not found, and no bundled one is named {name} (bundled: {available})")
+
+
+def load_config(space: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read, override and validate a search space; raise ConfigError listing every problem."""
+    path = resolve_space_path(space)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(str(path), [f"not valid YAML{where}: {getattr(exc, 'problem', exc)}"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), [f"expected a mapping of sections at the top, found {type(raw).__name__}"])
+    problems = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        try:
+            if not sep or not key:
+                raise ValueError("expected key=value, e.g. train.lr=3e-5")
+            set_dotted(raw, key.strip(), yaml.safe_load(text) if text else None)
+        except ValueError as exc:
+            problems.append(f"override {item!r}: {exc}")
+    if problems:
+        raise ConfigError(str(path), problems)
+    # Paths are resolved first, so the one validation gives the final Config; their problems come last.
+    path_problems = _resolve_paths(raw, path)
+    try:
+        config, file_errors = Config.model_validate(raw), []
+    except ValidationError as exc:
+        config, file_errors = None, exc.errors()
+    # The search and path checks run even when the file has other errors: every problem at once.
+    problems = describe_errors(file_errors) + _check_search(raw, file_errors) + path_problems
+    if problems:
+        raise ConfigError(str(path), problems)
+    run = config.run
+    run.name = path.stem if run.name is None else run.name
+    run.output_dir = str(Path(run.output_dir if run.output_dir is not None else f"runs/{run.name}").resolve())
+    if run.storage_path is None:
+        run.storage_path = str(Path(run.output_dir) / "ray")
+    elif "://" not in run.storage_path:
+        run.storage_path = str(Path(run.storage_path).resolve())
+    return config
+
+
+def describe_errors(errors: ValidationError | list[dict]) -> list[str]:
+    """pydantic's errors as one line each: dotted key, what was found, what is expected, a fix."""
+    lines = []
+    for err in errors.errors() if isinstance(errors, ValidationError) else errors:
+        loc, tag = _loc_and_tag(err)
+        if err["type"] == "extra_forbidden":
+            # A key of another backbone type: list the keys of the type given, not a "did you mean" itself.
+            known = list(BACKBONE_TYPES[tag].model_fields) if tag else _known_keys(loc[:-1])
+            hint = difflib.get_close_matches(loc[-1], known, n=1)
+            fix = f"did you mean {'.'.join(loc[:-1] + hint)}?" if hint else f"known keys: {', '.join(known)}"
+            lines.append(f"{'.'.join(loc)}: unknown key; {fix}")
+        else:
+            found = "" if isinstance(err.get("input"), dict) else f", found {err.get('input')!r}"
+            lines.append(f"{'.'.join(loc) or '(top)'}: {err['msg'].removeprefix('Value error, ')}{found}")
+    return lines
+
+
+def _loc_and_tag(err: dict) -> tuple[list[str], str | None]:
+    """An error's location as keys of the file, and the backbone type ("tiny") that a discriminated union
+    puts after "backbone" in it: no key of the file."""
+    loc = [str(part) for part in err["loc"]]
+    at = next((i for i in range(1, len(loc)) if loc[i - 1] == "backbone" and loc[i] in BACKBONE_TYPES), None)
+    tag = loc.pop(at) if at is not None else None
+    return loc, tag
+
+
+def _known_keys(parent: list[str]) -> list[str]:
+    """The keys one level below a section (the top for []), in declaration order."""
+    prefix = "".join(f"{part}." for part in parent)
+    return list(dict.fromkeys(key[len(prefix):].split(".")[0] for key in LEAF_KEYS if key.startswith(prefix)))
+
+
+def _section(raw: dict, *keys: str) -> dict:
+    """raw[key][key]...; {} where a level is missing or no mapping (validation reports that)."""
+    for key in keys:
+        raw = raw.get(key) if isinstance(raw, dict) else None
+    return raw if isinstance(raw, dict) else {}
+
+
+def _check_search(raw: dict, file_errors: list[dict]) -> list[str]:
+    """Every searched key exists and every value it can take is valid for that key."""
+    def signature(err: dict) -> tuple[str, str, str]:  # the same error, whichever dict it was found in
+        return ".".join(_loc_and_tag(err)[0]), err["type"], err["msg"]
+
+    reported, problems = {signature(err) for err in file_errors}, []
+    for key, dim_raw in _section(raw, "search", "params").items():
+        try:
+            dim = Dimension.model_validate(dim_raw)
+        except ValidationError:
+            continue  # already reported by the whole file's validation
+        where = f"search.params.{key}"
+        if key not in SEARCHABLE:
+            hint = difflib.get_close_matches(key, sorted(SEARCHABLE), n=1)
+            fix = f"did you mean {hint[0]}?" if hint else "searchable keys are under model. and train."
+            problems.append(f"{where}: not a searchable key (folds stay fixed across trials); {fix}")
+            continue
+        for value in dim.values_to_check():
+            trial = copy.deepcopy(raw)
+            try:
+                set_dotted(trial, key, value)
+                Config.model_validate(trial)
+            except ValidationError as exc:
+                # Errors at the key, or from a check of the section holding it (e.g. train's "not both"),
+                # that the file without this value does not already have.
+                new = [err for err in exc.errors()
+                       if _nested(signature(err)[0], key) and signature(err) not in reported]
+                problems += [f"{where}.{dim.kind}: value {value!r} is invalid: {line}" for line in describe_errors(new)]
+            except ValueError:  # a section on the key's path is no mapping: the file's validation says so
+                break
+    scheduler = _section(raw, "scheduler")
+    grace, max_t = scheduler.get("grace_period"), scheduler.get("max_t")
+    if isinstance(grace, int) and isinstance(max_t, int) and grace > max_t:
+        problems.append(f"scheduler.grace_period: {grace} is more than max_t {max_t}; "
+                        "lower it or raise scheduler.max_t")
+    return problems
+
+
+def _nested(a: str, b: str) -> bool:
+    """One dotted key is the other, or lies inside it."""
+    return (a + ".").startswith(b + ".") or (b + ".").startswith(a + ".")
+
+
+def _resolve_paths(raw: dict, space_path: Path) -> list[str]:
+    """Make local paths in `raw` absolute (the YAML's folder first, then the working dir); report missing ones."""
+    data = raw.setdefault("data", {}) if isinstance(raw.get("data", {}), dict) else {}
+    data.setdefault("path", DataConfig.model_fields["path"].default)
+    backbone = _section(raw, "model", "backbone")
+    kind = backbone.get("type")
+    # StructBERT's three files; the directory of a pretrained model, or of a tiny model's tokenizer.
+    by_type = {"structbert": ["checkpoint", "config", "vocab"], "pretrained": ["path"], "tiny": ["tokenizer"]}
+    names = by_type.get(kind, []) if isinstance(kind, str) else []
+    problems = []
+    for key, section, name in [("data.path", data, "path")] + [(f"model.backbone.{n}", backbone, n) for n in names]:
+        value, is_dir = section.get(name), key != "data.path" and kind != "structbert"
+        if not isinstance(value, str):
+            continue  # absent (a default applies) or mistyped (reported by validation)
+        candidates = [Path(value)] if Path(value).is_absolute() else [space_path.parent / value, Path(value)]
+        found = [c for c in candidates if (c.is_dir() if is_dir else c.is_file())]
+        if found:
+            section[name] = str(found[0].resolve())
+        # A directory not found may still be a hub name ("org/model") or "minilm-l6", the bundled MiniLM.
+        elif not is_dir or value.startswith((".", "/", "~")) or value.count("/") > 1:
+            what = "directory" if is_dir else "file"
+            tried = " or ".join(str(c) for c in dict.fromkeys(candidates))
+            hint = " (Kaggle's train.csv, competition commonlitreadabilityprize)" if key == "data.path" else ""
+            problems.append(f"{key}: {what} not found (tried {tried}); set {key}=/path/to/{what}{hint}")
+    return problems

@@ -1,0 +1,138 @@
+"""What the tests share that is not a fixture: paths, the tiny search space, tiny StructBERT checkpoints in
+AliceMind's layout, and a runner for `raycv` in its own process group with a hard time limit.
+
+Test modules import these (`from helpers import ...`); conftest.py holds only fixtures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+SPACES_DIR = REPO_DIR / "search_spaces"
+
+# A tiny model on a stratified sample of the real data, as search_spaces/smoke.yaml runs it.
+TINY_SPACE = {
+    "data": {"num_folds": 3, "fold_seed": 1000, "max_rows": 450},
+    "model": {
+        "backbone": {"type": "tiny", "hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64},
+        "max_length": 128,
+        "dropout": 0.0,
+        "pooling": "cls",
+    },
+    "train": {
+        "epochs": 6, "batch_size": 16, "lr": 3e-3, "layer_decay": 0.9, "weight_decay": 0.01,
+        "warmup_ratio": 0.1, "evals_per_epoch": 1, "seed": 42,
+    },
+    "scheduler": {"type": "none"},
+    "resources": {"gpus_per_fold": 0, "cpus_per_fold": 0.5},
+}
+
+# AliceMind's large_bert_config.json keys, at a tiny size; the vocab is MiniLM's (the same uncased BERT vocab).
+TINY_STRUCTBERT_CONFIG = {
+    "vocab_size": 30522,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1,
+    "attention_probs_dropout_prob": 0.1,
+    "max_position_embeddings": 512,
+    "type_vocab_size": 2,
+    "initializer_range": 0.02,
+}
+LAYOUT_PREFIXES = {"bare": "", "bert": "bert.", "module": "module.bert."}
+PRETRAINING_HEADS = {  # tensors of AliceMind's pretraining heads: a BertModel does not use them
+    "cls.predictions.bias": (30522,),
+    "cls.predictions.transform.dense.weight": (32, 32),
+    "cls.predictions.transform.dense.bias": (32,),
+    "cls.predictions.transform.LayerNorm.gamma": (32,),
+    "cls.predictions.transform.LayerNorm.beta": (32,),
+    "cls.seq_relationship.weight": (2, 32),
+    "cls.seq_relationship.bias": (2,),
+}
+
+
+def merge(base: dict, updates: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in updates.items():
+        # A backbone of another type replaces the tiny one instead of merging into it.
+        other_type = isinstance(value, dict) and "type" in value and value["type"] != (out.get(key) or {}).get("type")
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and not other_type:
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def alicemind_state(model: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """A BertModel's state dict renamed as AliceMind saves it: LayerNorm gamma/beta, `prefix` on every key,
+    and pretraining-head tensors (`cls.`, under `module.` when the layout has it)."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if ".LayerNorm." in name:
+            name = name.replace(".LayerNorm.weight", ".LayerNorm.gamma").replace(".LayerNorm.bias", ".LayerNorm.beta")
+        state[prefix + name] = tensor.clone()
+    head_prefix = "module." if prefix.startswith("module.") else ""
+    generator = torch.Generator().manual_seed(1)
+    for name, shape in PRETRAINING_HEADS.items():
+        state[head_prefix + name] = torch.randn(shape, generator=generator)
+    return state
+
+
+def tiny_bert(seed: int = 0):
+    """A tiny BertModel whose every tensor (LayerNorm included) is random, so a mix-up of names shows."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    model = BertModel(BertConfig(**TINY_STRUCTBERT_CONFIG), add_pooling_layer=True)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    return model.eval()
+
+
+
+
+def pooled_rmse(frame: pd.DataFrame, column: str) -> float:
+    """RMSE of `column` against `target`, by hand (no sklearn), to check raycv's own scoring."""
+    return float(np.sqrt(np.mean((frame[column].to_numpy() - frame["target"].to_numpy()) ** 2)))
+
+
+def raycv_env() -> dict[str, str]:
+    """The environment for a raycv subprocess that must start its own local Ray (never join another)."""
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
+def run_raycv(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    """`python -m raycv.cli ARGS` in its own process group; past `timeout` the whole group (the driver and
+    the local Ray it started, which shares its fate) is killed and the test fails instead of hanging."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raycv.cli", *args], cwd=cwd, env=raycv_env(), text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        out, err = proc.communicate()
+        pytest.fail(f"raycv {' '.join(args)} ran past {timeout} s\n{out[-3000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group `proc` leads (one this test started with start_new_session=True)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
