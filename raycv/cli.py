@@ -59,6 +59,8 @@ def build_parser() -> Parser:
     p = sub.add_parser("tune", help="run the search: Ray Tune trials, one Ray Train worker per fold")
     _space_args(p)
     p.add_argument("--address", help="Ray cluster to join (auto, or ray://...); default: RAY_ADDRESS, else a local Ray")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in the same output directory (same space and overrides)")
 
     p = sub.add_parser("report", help="rebuild a run's CV report from what it stored (no Ray needed)")
     p.add_argument("run_dir", help="the run's output directory, e.g. runs/base")

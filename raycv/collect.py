@@ -1,29 +1,39 @@
-"""After the search: every trial's files from the run's storage (local or s3://) -> the run directory.
+"""Each trial's files from the run's storage (local or s3://) -> the run directory, and the run's state.
 
-`gather_trials` runs once after `Tuner.fit()`: it copies each trial's out-of-fold predictions and pooled
-curve into the run directory and returns one `TrialRecord` per trial, which `run.json` keeps. Everything
-after that (scoring, the report) reads only the run directory, so `raycv report RUN_DIR` needs neither Ray
-nor GPUs. `prune_fold_checkpoints` then frees the storage of the fold checkpoints nobody will predict with.
+The run's state lives in `run.json` in the run directory, rewritten whenever a trial starts or ends: the
+run's settings, whether it is `running`, `interrupted` or `finished`, and one `TrialRecord` per trial.
+As a trial ends, `collect_trial` copies its out-of-fold predictions and pooled curve into the run
+directory and settles its status, so the report can be refreshed during the search and rebuilt after a
+crash. Everything after that (scoring, the report) reads only the run directory: `raycv report RUN_DIR`
+needs neither Ray nor GPUs.
 """
 
 from __future__ import annotations
 
 import io
-import logging
-from dataclasses import dataclass, field
+import json
+import os
+import re
+import socket
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from raycv import storage
 
-log = logging.getLogger(__name__)
-
 STATUSES = {
+    "pending": "created, waiting for resources",
+    "running": "training now",
     "finished": "ran every evaluation point",
-    "stopped": "stopped early by ASHA",
-    "error": "failed (see error)",
+    "stopped": "stopped early by ASHA; its scores are those of the last point it reached",
+    "diverged": "stopped when a loss or prediction became NaN or infinite (see reason)",
+    "error": "failed (see reason)",
+    "interrupted": "cut short by Ctrl-C, SIGTERM or a lost driver; raycv tune ... --resume continues it",
 }
+ENDED = ("finished", "stopped", "diverged", "error")  # a trial in one of these never runs again
 
 
 @dataclass
@@ -32,44 +42,167 @@ class TrialRecord:
 
     trial_id: str
     params: dict = field(default_factory=dict)  # the searched values, by dotted config key
-    status: str = "finished"  # one of STATUSES
+    status: str = "pending"  # one of STATUSES
     eval_points: int = 0  # evaluation points whose pooled predictions were written
-    error: str | None = None  # one line, for status "error"
+    reason: str | None = None  # one line, for status diverged or error
     train_run: str = ""  # the trial's Ray Train run (its storage folder and dashboard name)
 
 
-def gather_trials(results, storage_path: str, run_dir: Path, max_t: int) -> list[TrialRecord]:
-    """One record per result of `Tuner.fit()`; its OOF predictions land in oof/<trial_id>.csv, its curve in
-    curves/<trial_id>.csv of `run_dir`."""
-    trials = []
-    for result in results:
-        trial_id = Path(result.path).name
-        files = storage.trial_files(trial_id)
-        eval_points = 0
-        for kind, local in (("oof", storage.run_oof_path), ("curve", storage.run_curve_path)):
-            text = storage.read_text(storage_path, files[kind])
-            if text is None:
-                continue
-            storage.write_text_atomic(local(run_dir, trial_id), text)
-            if kind == "curve":
-                eval_points = len(pd.read_csv(io.StringIO(text)))
-        status = "error" if result.error is not None else ("finished" if eval_points >= max_t else "stopped")
-        trials.append(TrialRecord(
-            trial_id=trial_id, params=dict(result.config or {}), status=status, eval_points=eval_points,
-            error=str(result.error).strip().splitlines()[-1] if result.error is not None else None,
-            train_run=storage.train_run_name(trial_id),
-        ))
-    return sorted(trials, key=lambda t: t.trial_id)
+@dataclass
+class RunState:
+    """run.json: what a run is, how far it got, and every trial it started."""
+
+    name: str
+    num_points: int  # evaluation points of a full trial
+    max_t: int  # ASHA's horizon, in evaluation points
+    scheduler: str
+    searched: list[str]
+    command: str = ""  # how the run was started (for the --resume hint)
+    state: str = "running"  # running | interrupted | finished
+    driver: dict = field(default_factory=dict)  # host and pid of the `raycv tune` process
+    started_at: str = ""
+    updated_at: str = ""
+    trials: list[TrialRecord] = field(default_factory=list)
+
+    def trial(self, trial_id: str) -> TrialRecord:
+        """The record of `trial_id`, added (pending) if the run has none yet."""
+        for record in self.trials:
+            if record.trial_id == trial_id:
+                return record
+        self.trials.append(TrialRecord(trial_id=trial_id, train_run=storage.train_run_name(trial_id)))
+        self.trials.sort(key=lambda record: record.trial_id)
+        return self.trial(trial_id)
+
+    def driver_is_gone(self) -> bool:
+        """True where the run says it is running but its driver process on this host no longer exists."""
+        if self.state != "running" or self.driver.get("host") != socket.gethostname():
+            return False
+        try:
+            os.kill(int(self.driver["pid"]), 0)
+        except (ProcessLookupError, KeyError, ValueError):
+            return True
+        except PermissionError:
+            return False
+        return False
 
 
-def prune_fold_checkpoints(storage_path: str, report: dict, keep: int) -> list[str]:
-    """Delete fold checkpoints (model + optimiser) of all but the best `keep` finished trials, ranked on
-    the last-point CV RMSE as the report ranks them."""
-    finished = [t for t in report["trials"] if t["status"] == "finished" and t["cv_rmse_last"] is not None]
-    kept = {t["trial_id"] for t in sorted(finished, key=lambda t: t["cv_rmse_last"])[:keep]}
-    removed = []
-    for trial in report["trials"]:
-        if trial["trial_id"] not in kept:
-            removed += storage.delete_fold_checkpoints(storage_path, trial["trial_id"])
-    log.info("removed %d fold checkpoints of trials not among the best %d", len(removed), keep)
-    return removed
+def now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def new_run_state(**settings) -> RunState:
+    stamp = now()
+    driver = {"host": socket.gethostname(), "pid": os.getpid()}
+    return RunState(**settings, driver=driver, started_at=stamp, updated_at=stamp)
+
+
+def load_run_state(run_dir: Path) -> RunState | None:
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        return None
+    raw = json.loads(path.read_text())
+    raw["trials"] = [TrialRecord(**trial) for trial in raw.get("trials", [])]
+    return RunState(**raw)
+
+
+def save_run_state(run_dir: Path, state: RunState) -> None:
+    state.updated_at = now()
+    storage.write_text_atomic(Path(run_dir) / "run.json", json.dumps(asdict(state), indent=2))
+
+
+def collect_trial(storage_path: str, run_dir: Path, record: TrialRecord) -> None:
+    """Copy the trial's OOF predictions and curve as the storage holds them now into the run directory;
+    record how many evaluation points they cover and any status its trial driver or rank 0 wrote."""
+    files = storage.trial_files(record.trial_id)
+    for kind, local in (("oof", storage.run_oof_path), ("curve", storage.run_curve_path)):
+        text = storage.read_text(storage_path, files[kind])
+        if text is None:
+            continue
+        storage.write_text_atomic(local(run_dir, record.trial_id), text)
+        if kind == "curve":
+            record.eval_points = len(pd.read_csv(io.StringIO(text)))
+    status = storage.read_text(storage_path, files["status"])
+    if status:
+        written = json.loads(status)
+        record.status, record.reason = written["status"], written["reason"]
+
+
+def settle(record: TrialRecord, max_t: int) -> None:
+    """The status of a trial Tune saw end without an error: diverged or failed folds (collect_trial read
+    that from the storage), else finished or stopped by the scheduler."""
+    if record.status not in ("diverged", "error"):
+        record.status = "finished" if record.eval_points >= max_t else "stopped"
+
+
+def last_cv_rmse(run_dir: Path, trial_id: str) -> float | None:
+    """A trial's pooled last-point RMSE at its final evaluation point, from its curve in the run directory."""
+    path = storage.run_curve_path(run_dir, trial_id)
+    if not path.is_file():
+        return None
+    curve = pd.read_csv(path)
+    return float(curve["cv_rmse_last"].iloc[-1]) if len(curve) else None
+
+
+def fold_checkpoints_to_drop(state: RunState, run_dir: Path, keep: int) -> list[str]:
+    """Trials whose fold checkpoints nobody will predict with: every ended trial except the best `keep`
+    finished ones (ranked on the last-point CV RMSE, as the report ranks them). Running and interrupted
+    trials keep theirs, so they can resume."""
+    finished = [(last_cv_rmse(run_dir, r.trial_id), r.trial_id) for r in state.trials if r.status == "finished"]
+    kept = {trial_id for _, trial_id in sorted(pair for pair in finished if pair[0] is not None)[:keep]}
+    return [r.trial_id for r in state.trials if r.status in ENDED and r.trial_id not in kept]
+
+
+def refresh_unfinished(run_dir: Path) -> RunState | None:
+    """For `raycv report` on a run that has not finished: copy each unfinished trial's latest files from the
+    storage where it can be reached; a run whose driver on this host is gone is interrupted, and so are its
+    unfinished trials (saved to run.json, as the driver would have on Ctrl-C)."""
+    state = load_run_state(run_dir)
+    if state is None or state.state == "finished":
+        return state
+    config_path = Path(run_dir) / "resolved_config.yaml"
+    storage_path = yaml.safe_load(config_path.read_text())["run"]["storage_path"] if config_path.is_file() else None
+    for record in state.trials:
+        if record.status not in ENDED and storage_path and _reachable(storage_path):
+            collect_trial(storage_path, Path(run_dir), record)
+    if state.driver_is_gone():
+        state.state = "interrupted"
+        for record in state.trials:
+            if record.status not in ENDED:
+                record.status = "interrupted"
+        save_run_state(run_dir, state)
+    return state
+
+
+def _reachable(storage_path: str) -> bool:
+    return "://" in storage_path or Path(storage_path).is_dir()
+
+
+# ---------------------------------------------------------------- one readable line per failure
+
+MEMORY_KILL = re.compile(r"memory used=([\d.]+)\s*GB.*?was running was ([\d.]+)\s*GB\s*/\s*([\d.]+)\s*GB", re.S)
+
+
+def describe_failure(error: BaseException | str) -> str:
+    """One line for a failed trial: which fold, what happened, and for a memory kill, how much the worker
+    held and what to change. `error` is Ray Train's WorkerGroupError (failures by rank = fold) or any
+    exception or message."""
+    failures = getattr(error, "worker_failures", None)
+    if failures:
+        return "; ".join(f"fold {rank}: {_describe_one(exc)}" for rank, exc in sorted(failures.items()))
+    return _describe_one(error)
+
+
+def _describe_one(error: BaseException | str) -> str:
+    text = str(error)
+    if "running low on memory" in text or "OutOfMemoryError" in text or "OutOfMemoryError" in type(error).__name__:
+        match = MEMORY_KILL.search(text)
+        held = (f": the worker held {float(match.group(1)):.1f} GB while the node used {float(match.group(2)):.1f} "
+                f"of {float(match.group(3)):.1f} GB") if match else ""
+        return (f"killed by Ray's memory monitor{held}; lower train.batch_size or model.max_length, or give each "
+                "fold more memory (fewer folds per node: raise resources.cpus_per_fold)")
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    name = type(error).__name__ if isinstance(error, BaseException) else ""
+    if name and not last.startswith(name):
+        last = f"{name}: {last}" if last else name
+    return last[:300]

@@ -6,6 +6,7 @@ Human output lives here (and in the Tune driver): the library modules only log.
 from __future__ import annotations
 
 import math
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -13,20 +14,21 @@ import pandas as pd
 
 from raycv import RaycvError
 from raycv.config import dump_yaml
-from raycv.spaces import load_config
+from raycv.spaces import load_config, resolve_space_path
 from raycv.storage import write_atomic, write_text_atomic
 
 
 def validate(args) -> int:
     """Resolved config, rows, fold sizes, token lengths, padding, model size; trains nothing."""
-    from raycv.data import bucketed_batches, encode_folds, useful_token_fraction
+    from raycv.data import bucketed_batches, useful_token_fraction
     from raycv.model import build_model, count_parameters, load_tokenizer
-    from raycv.train_fold import steps_per_epoch, trial_eval_points
+    from raycv.preflight import preflight
+    from raycv.train_fold import steps_per_epoch
 
     config = load_config(args.space, args.overrides)
+    plan = preflight(config, str(resolve_space_path(args.space)))
     tokenizer = load_tokenizer(config.model)
-    encoded = encode_folds(config, tokenizer)
-    table, tokens = encoded.table, encoded.tokens
+    table, tokens = plan.encoded.table, plan.encoded.tokens
     print(dump_yaml(config).rstrip())
     print("---")
     sizes = table["fold"].value_counts().sort_index().tolist()
@@ -49,7 +51,7 @@ def validate(args) -> int:
     train_rows = len(table) - min(sizes)
     print(
         f"per fold: {steps_per_epoch(train_rows, batch)} steps/epoch x {config.train.epochs} epochs, "
-        f"{trial_eval_points(config.train, table['fold'])} evaluation points per trial"
+        f"{plan.num_points} evaluation points per trial"
     )
     print(f"trials: {num_trials(config)} (search.num_samples {config.search.num_samples} x grid points)")
     if not args.no_model:
@@ -70,7 +72,7 @@ def num_trials(config) -> int:
 def folds(args) -> int:
     from raycv.data import load_folds
 
-    config = load_config(args.space, args.overrides)
+    config = load_config(args.space, args.overrides, model_files=False)  # folds need only the data
     table = load_folds(config.data)
     out = Path(args.out)
     write_atomic(out, lambda tmp: table[["id", "fold"]].to_csv(tmp, index=False))
@@ -80,8 +82,7 @@ def folds(args) -> int:
 
 
 def train_fold(args) -> int:
-    from raycv.data import encode_folds
-    from raycv.model import load_tokenizer
+    from raycv.preflight import preflight
     from raycv.progress import fold_line
     from raycv.train_fold import split_fold
     from raycv.train_fold import train_fold as run_fold
@@ -93,7 +94,7 @@ def train_fold(args) -> int:
             f"data.num_folds is {config.data.num_folds} (0..{config.data.num_folds - 1})"
         )
     out_dir = Path(args.out_dir or Path(config.run.output_dir) / "train_fold" / f"fold_{args.fold}")
-    data = split_fold(encode_folds(config, load_tokenizer(config.model)), args.fold)
+    data = split_fold(preflight(config, str(resolve_space_path(args.space))).encoded, args.fold)
     print(f"fold {args.fold}: {len(data.train_ids)} training rows, {len(data.valid_ids)} validation rows, "
           f"batch {config.train.batch_size}, {config.train.epochs} epochs")
     result = run_fold(config, data, on_eval=lambda point, _: print(fold_line(point), flush=True))
@@ -117,15 +118,23 @@ def convert_structbert(args) -> int:
 
 
 def tune(args) -> int:
+    from raycv.preflight import preflight
     from raycv.sweep import run_sweep
 
     config = load_config(args.space, args.overrides)
-    return run_sweep(config, address=args.address)
+    plan = preflight(config, str(resolve_space_path(args.space)))  # before Ray, or a GPU, starts
+    command = ["raycv", "tune", args.space, *args.overrides] + (["--address", args.address] if args.address else [])
+    return run_sweep(config, plan, address=args.address, resume=args.resume, command=shlex.join(command))
 
 
 def report(args) -> int:
+    from raycv.collect import refresh_unfinished
     from raycv.report import write_report
 
-    paths = write_report(Path(args.run_dir))
+    run_dir = Path(args.run_dir)
+    state = refresh_unfinished(run_dir)  # a running or interrupted run: what the storage holds now
+    paths = write_report(run_dir, state)
+    if paths["report"]["partial"]:
+        print(f"partial report: the run is {paths['report']['state']}")
     print(f"report: {paths['report_md']}")
     return 0

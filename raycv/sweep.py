@@ -1,48 +1,74 @@
 """The search: Ray Tune trials (one hyperparameter set each) scheduled by ASHA on the pooled CV RMSE.
 
-    raycv tune search_spaces/base.yaml [--address auto]
+    raycv tune search_spaces/base.yaml [--address auto] [--resume]
 
 Ray 2.60's Train-inside-Tune pattern: `train_driver_fn` is the Tune trial; it runs a `TorchTrainer`
 with one worker per fold (`worker.train_fn_per_worker`) and forwards rank 0's reports to Tune through
-`TuneReportCallback`. Named `sweep` so it is not confused with `ray.tune`.
+`TuneReportCallback`. `TrialTracker`, a Tune callback, keeps run.json, each trial's files in the run
+directory and the report up to date as trials start and end, so a crash strands nothing; `--resume`
+continues an interrupted run with Tune's experiment restore. Named `sweep` so it is not confused with
+`ray.tune`.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import logging
 import os
-import socket
-import time
-from dataclasses import asdict
+import signal
 from pathlib import Path
 from typing import Any
 
+import ray
+import yaml
+from ray import tune
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.train.v2.api.exceptions import TrainingFailedError
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
 from raycv import RaycvError, storage
-from raycv.collect import gather_trials, prune_fold_checkpoints
+from raycv.cluster import plan_resources, start_ray, trial_driver_resources
+from raycv.collect import (
+    ENDED,
+    STATUSES,
+    RunState,
+    collect_trial,
+    describe_failure,
+    fold_checkpoints_to_drop,
+    load_run_state,
+    new_run_state,
+    save_run_state,
+    settle,
+)
 from raycv.config import Config, dump_yaml
-from raycv.data import EncodedFolds, encode_folds
-from raycv.model import load_tokenizer
+from raycv.data import EncodedFolds
+from raycv.preflight import Plan
 from raycv.report import write_report
 from raycv.scoring import compute_baselines
-from raycv.train_fold import trial_eval_points
+from raycv.worker import train_fn_per_worker, write_trial_status
 
-TRIAL_DRIVER_CPU = 0.25  # the Tune trial's own actor; the fold workers reserve their own resources
+log = logging.getLogger(__name__)
+EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}  # the shell's 128 + signal number
 
 
 def train_driver_fn(params: dict, base_config: dict, encoded: EncodedFolds, num_points: int) -> None:
-    """One Tune trial: this hyperparameter set's `num_folds` fold workers in one TorchTrainer."""
-    from ray import tune
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
+    """One Tune trial: this hyperparameter set's `num_folds` fold workers in one TorchTrainer.
 
-    from raycv.worker import train_fn_per_worker
-
+    A trial whose Train run resumes (Tune retried a lost driver, or `--resume`) continues from the fold
+    checkpoints Ray Train keeps under the same run name. A fold failure that outlasts Train's own retries
+    is written as the trial's status in one line, and the trial ends without raising: Tune's retries are
+    for a lost driver, not for re-running the same exception."""
     config = Config.model_validate(base_config).with_overrides(params)
     trial_id = tune.get_context().get_trial_id()
-    # The dashboard's Train view lists this trial as the Train run "train_<trial id>", its workers by world
-    # rank -- the fold index. Ray Train records that state only when asked to.
+    ended = storage.read_text(config.run.storage_path, storage.trial_files(trial_id)["status"])
+    if ended and json.loads(ended)["status"] in ENDED:
+        # Tune's experiment state (saved every 10 s or so) can lag behind a trial that ended just before the
+        # driver died; on --resume such a trial is not run again.
+        print(f"trial {trial_id} | already {json.loads(ended)['status']}; not run again", flush=True)
+        return
+    # The Train run's state (its name and workers by rank = fold) for the dashboard's state API.
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     gpus = float(config.resources.gpus_per_fold)
     trainer = TorchTrainer(
@@ -66,93 +92,16 @@ def train_driver_fn(params: dict, base_config: dict, encoded: EncodedFolds, num_
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
-    trainer.fit()
-
-
-def start_ray(address: str | None) -> bool:
-    """Join the cluster at `address` (or RAY_ADDRESS); else start a local Ray. True if we started it.
-
-    Token authentication stays on: Ray 2.60 enables it for a new local Ray and for address="auto" when a
-    token exists; for an explicit address we do the same (RAY_AUTH_MODE=token when a token is available)."""
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address and "RAY_AUTH_MODE" not in os.environ and _token_available():
-        os.environ["RAY_AUTH_MODE"] = "token"
-    import ray
-
-    if address:
-        _check_reachable(address)
-        try:
-            context = ray.init(address=address)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise RaycvError(f"cannot join the Ray cluster at {address}: {str(exc).strip().splitlines()[-1]}") from None
-        print(f"joined the Ray cluster at {address}; dashboard: {_url(context.dashboard_url)}", flush=True)
-        return False
-    context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
-    print(f"started a local Ray for this run; dashboard: {_url(context.dashboard_url)} "
-          f"(token authentication: the token is in ~/.ray/auth_token)", flush=True)
-    return True
-
-
-def _check_reachable(address: str) -> None:
-    """Fail fast on a host:port nobody listens on: ray.init would retry it for minutes."""
-    host, sep, port = address.rpartition(":")
-    if "://" in address or not sep or not port.isdigit():
-        return  # "auto", ray://..., or a form Ray resolves itself
     try:
-        socket.create_connection((host, int(port)), timeout=10).close()
-    except OSError as exc:
-        raise RaycvError(f"cannot join the Ray cluster at {address}: nothing answers there ({exc.strerror or exc}); "
-                         "start it with `ray start --head` or check --address") from None
-
-
-def _token_available() -> bool:
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token"
-    return bool(os.environ.get("RAY_AUTH_TOKEN")) or Path(path).is_file()
-
-
-def _url(dashboard_url: str | None) -> str:
-    if not dashboard_url:
-        return "(no dashboard)"
-    return dashboard_url if "://" in dashboard_url else f"http://{dashboard_url}"
-
-
-def plan_resources(config: Config, joined: bool) -> tuple[float, int]:
-    """GPUs per fold (resolving auto) and concurrent trials, from what the cluster holds now."""
-    import ray
-
-    available = ray.cluster_resources()
-    cpus, gpus_total = available.get("CPU", 0), available.get("GPU", 0)
-    folds = config.data.num_folds
-    gpus = config.resources.gpus_per_fold
-    gpus = (1.0 if gpus_total > 0 else 0.0) if gpus == "auto" else float(gpus)
-    cpu_need = folds * config.resources.cpus_per_fold + TRIAL_DRIVER_CPU
-    gpu_need = folds * gpus
-    short = []
-    if cpu_need > cpus:
-        short.append(
-            f"{cpu_need:g} CPUs ({folds} folds x resources.cpus_per_fold {config.resources.cpus_per_fold:g} "
-            f"+ {TRIAL_DRIVER_CPU} for the trial), the cluster has {cpus:g}"
-        )
-    if gpu_need > gpus_total:
-        short.append(
-            f"{gpu_need:g} GPUs ({folds} folds x resources.gpus_per_fold {gpus:g}), the cluster has {gpus_total:g}"
-        )
-    if short and not joined:
-        raise RaycvError(
-            f"one trial needs {'; and '.join(short)}; "
-            "lower resources.cpus_per_fold / gpus_per_fold or join a cluster with --address"
-        )
-    if short:
-        print(f"waiting for the autoscaler: one trial needs {'; '.join(short)}")
-    fits = [math.floor(cpus / cpu_need)] + ([math.floor(gpus_total / gpu_need)] if gpu_need else [])
-    concurrent = config.run.max_concurrent_trials or max(1, min(fits))
-    return gpus, concurrent
+        trainer.fit()
+    except TrainingFailedError as exc:
+        reason = describe_failure(exc)
+        write_trial_status(config.run.storage_path, trial_id, "error", reason)
+        print(f"trial {trial_id} | failed: {reason}", flush=True)
 
 
 def to_param_space(config: Config) -> dict[str, Any]:
     """The `search` section as Ray Tune samplers, keyed by dotted config key."""
-    from ray import tune
-
     samplers = {"choice": tune.choice, "grid": tune.grid_search}
     space = {}
     for key, dim in config.search.params.items():
@@ -164,65 +113,180 @@ def to_param_space(config: Config) -> dict[str, Any]:
     return space
 
 
-def run_sweep(config: Config, address: str | None = None) -> int:
-    output_dir = Path(config.run.output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()):
-        raise RaycvError(
-            f"{output_dir} already holds a run; choose another with run.name=NAME (or run.output_dir=DIR), "
-            f"or rebuild its report with: raycv report {output_dir}"
-        )
-    encoded = encode_folds(config, load_tokenizer(config.model))  # bad data fails here, before Ray starts
-    table = encoded.table
-    valid_sizes = table["fold"].value_counts().sort_index().tolist()
-    num_points = trial_eval_points(config.train, table["fold"])
-    max_t = config.scheduler.max_t or num_points
-    if max_t > num_points:
-        raise RaycvError(f"scheduler.max_t is {max_t} but a trial has only {num_points} evaluation points; lower it")
-    if config.scheduler.grace_period > max_t:
-        raise RaycvError(
-            f"scheduler.grace_period {config.scheduler.grace_period} exceeds the {max_t} evaluation points of a trial"
-        )
+# ---------------------------------------------------------------- keeping the run directory current
 
+
+class TrialTracker(tune.Callback):
+    """Records each trial's status in run.json as it changes; when a trial ends, collects its files, drops
+    the fold checkpoints no one will predict with, and refreshes the report. (Tune keeps it with the
+    experiment, so a restored run tracks on.)"""
+
+    def __init__(self, run_dir: str, storage_path: str, max_t: int, keep: int):
+        self.run_dir, self.storage_path, self.max_t, self.keep = Path(run_dir), storage_path, max_t, keep
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._update(trial, "running")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._update(trial, "running")  # Tune retries a lost driver; Train resumes its folds
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._update(trial, ended=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._update(trial, ended=True, error=trial.get_error())
+
+    def _update(self, trial, status: str | None = None, ended: bool = False, error=None) -> None:
+        state = load_run_state(self.run_dir)
+        record = state.trial(trial.trial_id)
+        record.params = dict(trial.config or {})
+        if status:
+            record.status = status
+        if ended:
+            collect_trial(self.storage_path, self.run_dir, record)
+            if error is None:
+                settle(record, self.max_t)
+            elif record.status not in ("diverged", "error"):
+                record.status, record.reason = "error", describe_failure(error)
+            write_trial_status(self.storage_path, record.trial_id, record.status, record.reason)
+        save_run_state(self.run_dir, state)
+        if ended:
+            drop_fold_checkpoints(state, self.run_dir, self.storage_path, self.keep)
+            try:
+                write_report(self.run_dir)
+            except Exception:  # a report that cannot be drawn yet must not stop the search
+                log.warning("could not refresh the report after trial %s", trial.trial_id, exc_info=True)
+
+
+def drop_fold_checkpoints(state: RunState, run_dir: str | Path, storage_path: str, keep: int) -> None:
+    for trial_id in fold_checkpoints_to_drop(state, Path(run_dir), keep):
+        storage.delete_fold_checkpoints(storage_path, trial_id)
+
+
+# ---------------------------------------------------------------- the search
+
+
+def run_sweep(config: Config, plan: Plan, address: str | None = None, resume: bool = False,
+              command: str = "") -> int:
+    """The whole search, from a validated config and its preflight plan (data encoded, points counted)."""
+    output_dir = Path(config.run.output_dir)
+    resume_command = f"{command} --resume" if command else "raycv tune SPACE --resume"
+    previous = check_run_directory(config, output_dir, resume, resume_command)
     started = start_ray(address)
     try:
         gpus, concurrent = plan_resources(config, joined=not started)
         config.resources.gpus_per_fold = gpus
-        output_dir.mkdir(parents=True, exist_ok=True)
-        storage.write_text_atomic(output_dir / "resolved_config.yaml", dump_yaml(config))
-        storage.write_atomic(
-            output_dir / "folds.csv", lambda tmp: table[["id", "fold", "target"]].to_csv(tmp, index=False)
-        )
-        storage.write_text_atomic(output_dir / "baselines.json", json.dumps(compute_baselines(table), indent=2))
-        print(f"raycv tune {config.run.name}: {len(table)} rows, {config.data.num_folds} folds "
-              f"({'/'.join(map(str, valid_sizes))} validation rows), {num_points} evaluation points "
-              f"per trial, batch {config.train.batch_size}, "
+        if previous is None:
+            write_run_files(config, plan, output_dir)
+            state = new_run_state(name=config.run.name, num_points=plan.num_points, max_t=plan.max_t,
+                                  scheduler=config.scheduler.type, searched=list(config.search.params),
+                                  command=command)
+        else:
+            state = previous
+            fresh = new_run_state(name=state.name, num_points=0, max_t=0, scheduler="", searched=[])
+            state.state, state.driver = "running", fresh.driver
+        save_run_state(output_dir, state)
+        table = plan.encoded.table
+        print(f"raycv tune {config.run.name}{' (resumed)' if previous else ''}: {len(table)} rows, "
+              f"{config.data.num_folds} folds ({'/'.join(map(str, plan.valid_sizes))} validation rows), "
+              f"{plan.num_points} evaluation points per trial, batch {config.train.batch_size}, "
               f"{gpus:g} GPU + {config.resources.cpus_per_fold:g} CPU per fold, "
-              f"up to {concurrent} trial(s) at a time; output {output_dir}")
-        results = _fit(config, encoded.for_workers(), num_points, max_t, concurrent)
-        return _finish(config, results, num_points, max_t)
+              f"up to {concurrent} trial(s) at a time; output {output_dir}", flush=True)
+        with forward_sigterm() as received:
+            fit(config, plan, concurrent, resume=previous is not None)
+        return finish(config, plan.max_t, received, resume_command)
     finally:
         if started:
-            import ray
-
             ray.shutdown()
 
 
-def _fit(config: Config, encoded: EncodedFolds, num_points: int, max_t: int, concurrent: int):
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+def check_run_directory(config: Config, output_dir: Path, resume: bool, resume_command: str) -> RunState | None:
+    """The run to continue (with --resume), or None for a new run into an empty directory."""
+    state = load_run_state(output_dir)
+    holds = output_dir.exists() and any(output_dir.iterdir())
+    if not resume:
+        if state is not None and state.state != "finished":
+            ended = sum(t.status in ENDED for t in state.trials)
+            raise RaycvError(f"{output_dir} holds an unfinished run ({ended} of {len(state.trials)} trials ended); "
+                             f"continue it with: {resume_command} (or start another with run.name=NAME)")
+        if holds:
+            raise RaycvError(
+                f"{output_dir} already holds a run; choose another with run.name=NAME (or run.output_dir=DIR), "
+                f"or rebuild its report with: raycv report {output_dir}"
+            )
+        return None
+    if state is None:
+        raise RaycvError(f"--resume: {output_dir} holds no raycv run to continue; start one without --resume")
+    if state.state == "finished":
+        raise RaycvError(f"--resume: the run in {output_dir} has finished; its report: raycv report {output_dir}")
+    if state.state == "running" and not state.driver_is_gone():
+        raise RaycvError(f"--resume: the run in {output_dir} is still running (raycv tune, pid "
+                         f"{state.driver.get('pid')} on {state.driver.get('host')}); stop it first")
+    saved = yaml.safe_load((output_dir / "resolved_config.yaml").read_text())
+    changed = [key for key in _differences(saved, config.to_dict()) if key.split(".")[0] not in ("run", "resources")]
+    if changed:
+        raise RaycvError(f"--resume: this config differs from the run's at {', '.join(changed)}; resume with the "
+                         f"same space and overrides ({state.command or 'see resolved_config.yaml'})")
+    return state
 
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [key for name in sorted(set(a) | set(b))
+                for key in _differences(a.get(name), b.get(name), f"{prefix}{name}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def write_run_files(config: Config, plan: Plan, output_dir: Path) -> None:
+    table = plan.encoded.table
+    output_dir.mkdir(parents=True, exist_ok=True)
+    storage.write_text_atomic(output_dir / "resolved_config.yaml", dump_yaml(config))
+    storage.write_atomic(output_dir / "folds.csv", lambda tmp: table[["id", "fold", "target"]].to_csv(tmp, index=False))
+    storage.write_text_atomic(output_dir / "baselines.json", json.dumps(compute_baselines(table), indent=2))
+
+
+class forward_sigterm:
+    """While Tune runs, SIGTERM (`ray job stop`, a scheduler, `kill`) ends the search the way Ctrl-C does:
+    Tune saves its experiment state and stops the trials, which stay resumable. Records which signal came."""
+
+    def __enter__(self) -> dict:
+        self.received: dict = {}
+
+        def handler(signum, frame):
+            self.received["signal"] = signal.SIGTERM
+            signal.raise_signal(signal.SIGINT)  # Tune's own handler takes it from here
+
+        self.previous = signal.signal(signal.SIGTERM, handler)
+        return self.received
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+def fit(config: Config, plan: Plan, concurrent: int, resume: bool) -> None:
+    trainable = tune.with_resources(
+        tune.with_parameters(train_driver_fn, base_config=config.to_dict(), encoded=plan.encoded.for_workers(),
+                             num_points=plan.num_points),
+        trial_driver_resources(ray.cluster_resources()),
+    )
+    experiment_path = f"{config.run.storage_path.rstrip('/')}/tune"
+    if resume:
+        if not tune.Tuner.can_restore(experiment_path):
+            raise RaycvError(f"--resume: Ray Tune saved no experiment state in {experiment_path} (the run stopped "
+                             f"before its first trial started); remove {config.run.output_dir} and start again")
+        tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True,
+                           param_space=to_param_space(config)).fit()
+        return
     if config.scheduler.type == "asha":
         scheduler = ASHAScheduler(
-            time_attr="eval_point", max_t=max_t, grace_period=config.scheduler.grace_period,
+            time_attr="eval_point", max_t=plan.max_t, grace_period=config.scheduler.grace_period,
             reduction_factor=config.scheduler.reduction_factor,
         )
     else:
         scheduler = FIFOScheduler()
-    trainable = tune.with_parameters(
-        train_driver_fn, base_config=config.to_dict(), encoded=encoded, num_points=num_points
-    )
+    tracker = TrialTracker(config.run.output_dir, config.run.storage_path, plan.max_t, config.run.keep_fold_models)
     tuner = tune.Tuner(
-        tune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPU}),
+        trainable,
         param_space=to_param_space(config),
         tune_config=tune.TuneConfig(
             metric="cv_rmse", mode="min", num_samples=config.search.num_samples, scheduler=scheduler,
@@ -230,31 +294,39 @@ def _fit(config: Config, encoded: EncodedFolds, num_points: int, max_t: int, con
             trial_name_creator=lambda trial: trial.trial_id, trial_dirname_creator=lambda trial: trial.trial_id,
         ),
         run_config=tune.RunConfig(
-            name="tune", storage_path=config.run.storage_path, verbose=1,
-            stop={"eval_point": max_t}, failure_config=tune.FailureConfig(max_failures=0),
+            name="tune", storage_path=config.run.storage_path, verbose=1, callbacks=[tracker],
+            stop={"eval_point": plan.max_t},
+            # A lost trial driver (its node died) is retried; its Train run resumes from the fold checkpoints.
+            failure_config=tune.FailureConfig(max_failures=config.run.max_failures),
         ),
     )
-    return tuner.fit()
+    tuner.fit()
 
 
-def _finish(config: Config, results, num_points: int, max_t: int) -> int:
+def finish(config: Config, max_t: int, received: dict, resume_command: str) -> int:
+    """Settle what Tune left unfinished, write the report, print the summary; the exit status."""
     output_dir = Path(config.run.output_dir)
-    trials = gather_trials(results, config.run.storage_path, output_dir, max_t)
-    run = {"name": config.run.name, "num_points": num_points, "max_t": max_t, "scheduler": config.scheduler.type,
-           "searched": list(config.search.params), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-           "trials": [asdict(trial) for trial in trials]}
-    storage.write_text_atomic(output_dir / "run.json", json.dumps(run, indent=2))
+    state = load_run_state(output_dir)
+    cut_short = [record for record in state.trials if record.status not in ENDED]
+    for record in cut_short:  # Tune stopped these on Ctrl-C / SIGTERM; their checkpoints stay for --resume
+        collect_trial(config.run.storage_path, output_dir, record)
+        if record.status not in ENDED:
+            record.status = "interrupted"
+    state.state = "interrupted" if cut_short else "finished"
+    save_run_state(output_dir, state)
+    drop_fold_checkpoints(state, output_dir, config.run.storage_path, config.run.keep_fold_models)
     paths = write_report(output_dir)
     report = paths["report"]
-    prune_fold_checkpoints(config.run.storage_path, report, config.run.keep_fold_models)
-    best = report.get("best_trial")
-    counts = {s: sum(t["status"] == s for t in report["trials"]) for s in ("finished", "stopped", "error")}
-    print(f"trials: {len(report['trials'])} ({counts['finished']} finished, {counts['stopped']} stopped by ASHA, "
-          f"{counts['error']} errors)")
-    if best:
-        row = next(t for t in report["trials"] if t["trial_id"] == best)
-        print(f"best trial {best}: cv_rmse_last {row['cv_rmse_last']:.4f}, cv_rmse_best {row['cv_rmse_best']:.4f}, "
-              f"params {row['params']}")
+    counts = {status: sum(t["status"] == status for t in report["trials"]) for status in STATUSES}
+    print(f"trials: {len(report['trials'])} ("
+          + ", ".join(f"{n} {'stopped by ASHA' if s == 'stopped' else s}" for s, n in counts.items() if n) + ")")
+    for trial in report["trials"]:
+        if trial["status"] in ("error", "diverged"):
+            print(f"trial {trial['trial_id']} {trial['status']}: {trial['reason']}")
+    if report["best_trial"]:
+        row = next(t for t in report["trials"] if t["trial_id"] == report["best_trial"])
+        print(f"best trial {row['trial_id']}: cv_rmse_last {row['cv_rmse_last']:.4f}, "
+              f"cv_rmse_best {row['cv_rmse_best']:.4f}, params {row['params']}")
     top_k = report["top_k_ensemble"]
     if top_k["trials"]:
         print(f"top-{len(top_k['trials'])} ensemble: cv_rmse_last {top_k['cv_rmse_last']:.4f}, "
@@ -266,4 +338,8 @@ def _finish(config: Config, results, num_points: int, max_t: int) -> int:
     print(f"baselines on the same folds: training mean {baselines['mean']['pooled_rmse']:.4f}, "
           f"TF-IDF + ridge {baselines['tfidf_ridge']['pooled_rmse']:.4f}")
     print(f"report: {paths['report_md']}")
+    if cut_short:
+        print(f"interrupted: {len(cut_short)} trial(s) cut short, their fold checkpoints kept; "
+              f"continue with: {resume_command}")
+        return EXIT_INTERRUPTED[received.get("signal", signal.SIGINT)]
     return 0 if counts["finished"] + counts["stopped"] > 0 else 1

@@ -5,7 +5,9 @@
 AdamW with layer-wise LR decay, linear warmup then linear decay, gradient clipping, bf16 autocast on CUDA.
 The fold's validation rows are scored at evenly spaced evaluation points; for every row the prediction at
 the best point and at the last point are kept. `on_eval` (a plain callable) is how a caller -- the CLI's
-printer or the Ray worker -- sees each point; `state` resumes from a `snapshot()` it was handed.
+printer or the Ray worker -- sees each point, and it may stop the loop by returning True; `state` resumes
+from a `snapshot()` it was handed. A fold whose training loss or predictions stop being finite has
+diverged: the loop reports that point (with the reason) and stops.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import root_mean_squared_error
 from transformers import get_linear_schedule_with_warmup
 
 from raycv.config import Config, TrainConfig
@@ -74,6 +75,7 @@ class EvalPoint:
     best_preds: np.ndarray
     elapsed_s: float
     samples_per_s: float
+    diverged: str | None = None  # why this fold cannot go on (a non-finite loss or prediction), else None
 
 
 @dataclass
@@ -84,6 +86,7 @@ class FoldResult:
     pred_best: np.ndarray
     pred_last: np.ndarray
     curve: list[dict] = field(default_factory=list)  # one {point, step, epoch, train_loss, val_rmse} per point
+    diverged: str | None = None  # set when training stopped on a non-finite loss or prediction
 
     @property
     def best_rmse(self) -> float:
@@ -156,13 +159,14 @@ def train_fold(
     *,
     device: torch.device | None = None,
     num_points: int | None = None,
-    on_eval: Callable[[EvalPoint, Callable[[], dict]], None] | None = None,
+    on_eval: Callable[[EvalPoint, Callable[[], dict]], bool | None] | None = None,
     state: dict | None = None,
 ) -> FoldResult:
     """Fine-tune one fold's model and return its validation predictions at the best and the last point.
 
     num_points: evaluation points (all folds of a trial must agree; default from the config);
-    on_eval(point, snapshot): called at every point; snapshot() returns a resumable state;
+    on_eval(point, snapshot): called at every point; snapshot() returns a resumable state (tensors and plain
+    types only, so it loads with `torch.load(weights_only=True)`); returning True stops training;
     state: a snapshot to continue from."""
     train = config.train
     device = device or default_device()
@@ -183,7 +187,7 @@ def train_fold(
     lengths = np.array([len(t) for t in data.train_tokens])
     targets = torch.tensor(data.train_targets, dtype=torch.float32)
 
-    step, curve = 0, []
+    step, curve, stop, diverged = 0, [], False, None
     best_preds = last_preds = np.full(len(data.valid_ids), np.nan, dtype=np.float32)
     torch.manual_seed(seed)
     if state is not None:
@@ -191,13 +195,14 @@ def train_fold(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, curve = state["step"], list(state["curve"])
-        best_preds, last_preds = state["best_preds"], state["last_preds"]
+        best_preds, last_preds = state["best_preds"].numpy(), state["last_preds"].numpy()
         torch.set_rng_state(state["torch_rng"])
 
     def snapshot() -> dict:
         return {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "step": step, "curve": curve, "best_preds": best_preds, "last_preds": last_preds,
+            "step": step, "curve": curve,
+            "best_preds": torch.from_numpy(best_preds), "last_preds": torch.from_numpy(last_preds),
             "torch_rng": torch.get_rng_state(), "fold": data.fold, "num_points": num_points,
         }
 
@@ -230,32 +235,41 @@ def train_fold(
                 continue
 
             preds = predict(model, data.valid_tokens, data.pad_id, train.eval_batch_size, device, dtype)
-            rmse = float(root_mean_squared_error(data.valid_targets, preds))
+            rmse = float(np.sqrt(np.mean((preds - data.valid_targets) ** 2)))  # nan if any prediction is
             if not curve or rmse < min(row["val_rmse"] for row in curve):
                 best_preds = preds
             last_preds = preds
             train_loss = float(loss_sum) / max(loss_rows, 1)
+            diverged = divergence(train_loss, preds, data.fold, len(curve) + 1, step)
             curve.append({
                 "point": len(curve) + 1, "step": step, "epoch": step / per_epoch,
                 "train_loss": train_loss, "val_rmse": rmse,
             })
             elapsed = time.perf_counter() - started
-            if on_eval is not None:
-                on_eval(
-                    EvalPoint(
-                        fold=data.fold, index=len(curve), num_points=num_points, step=step, total_steps=total_steps,
-                        epoch=step / per_epoch, train_loss=train_loss, val_rmse=rmse,
-                        best_rmse=min(row["val_rmse"] for row in curve), preds=preds, best_preds=best_preds,
-                        elapsed_s=elapsed, samples_per_s=seen_samples / max(elapsed, 1e-9),
-                    ),
-                    snapshot,
-                )
+            point = EvalPoint(
+                fold=data.fold, index=len(curve), num_points=num_points, step=step, total_steps=total_steps,
+                epoch=step / per_epoch, train_loss=train_loss, val_rmse=rmse,
+                best_rmse=min(row["val_rmse"] for row in curve), preds=preds, best_preds=best_preds,
+                elapsed_s=elapsed, samples_per_s=seen_samples / max(elapsed, 1e-9), diverged=diverged,
+            )
+            stop = on_eval(point, snapshot) if on_eval is not None else False
             loss_sum, loss_rows = torch.zeros((), device=device), 0
             model.train()
-            if step >= total_steps:
+            if step >= total_steps or stop or diverged:
                 break
+        if stop or diverged:
+            break
 
     return FoldResult(
         fold=data.fold, ids=data.valid_ids, targets=data.valid_targets,
-        pred_best=best_preds, pred_last=last_preds, curve=curve,
+        pred_best=best_preds, pred_last=last_preds, curve=curve, diverged=diverged,
     )
+
+
+def divergence(train_loss: float, preds: np.ndarray, fold: int, index: int, step: int) -> str | None:
+    """Why this fold has diverged at this point, or None: a non-finite training loss or prediction."""
+    bad = int((~np.isfinite(preds)).sum())
+    if math.isfinite(train_loss) and not bad:
+        return None
+    what = f"train_loss {train_loss}" if not math.isfinite(train_loss) else f"{bad} non-finite predictions"
+    return f"fold {fold} diverged at point {index} (step {step}): {what}"

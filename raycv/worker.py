@@ -7,11 +7,14 @@ validation predictions to rank 0, which reports the pooled out-of-fold RMSE -- t
 since only rank 0's metrics reach Tune. Every worker reports at every point: reports are a barrier.
 
 At each evaluation point (`on_eval`): gather -> score -> write the trial's files -> print -> report.
+If any fold has diverged (a non-finite loss or prediction), every fold stops at that point, and rank 0
+records why in the trial's status file instead of scoring predictions that are not numbers.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import sys
 import tempfile
@@ -50,11 +53,20 @@ def train_fn_per_worker(loop_config: dict) -> None:
     state = restore_fold_state(fold)
     curve = restore_curve(config.run.storage_path, trial_id, state) if fold == 0 else []
 
-    def on_eval(point: EvalPoint, snapshot) -> None:
+    def on_eval(point: EvalPoint, snapshot) -> bool:
         fold_rows = gather_folds(point, data, num_folds)
         fold_metrics.record_fold(point.val_rmse, point.samples_per_s, point.index, device)
         metrics = {"eval_point": point.index, "train_loss": point.train_loss, "step": point.step,
                    "epoch": point.epoch}
+        diverged = [part["diverged"] for part in fold_rows if part["diverged"]]
+        if diverged:  # every fold stops here; nothing to score or to checkpoint
+            if fold == 0:
+                write_trial_status(config.run.storage_path, trial_id, "diverged", "; ".join(diverged))
+                sys.stdout.write(f"trial {trial_id} | point {point.index}/{point.num_points} | "
+                                 f"diverged: {'; '.join(diverged)}\n")
+                sys.stdout.flush()
+            report({"cv_rmse": float("nan"), "diverged": 1.0, **metrics}, point.index, None, fold)
+            return True
         if fold == 0:
             oof = oof_table(fold_rows)
             scores = score_trial(oof)
@@ -69,6 +81,7 @@ def train_fn_per_worker(loop_config: dict) -> None:
             log.debug(progress.fold_line(point, trial_id))
         keep = point.index == point.num_points or point.index % checkpoint_every == 0
         report(metrics, point.index, snapshot if keep else None, fold)
+        return False
 
     train_fold(config, data, device=device, num_points=loop_config["num_points"], on_eval=on_eval, state=state)
 
@@ -81,7 +94,7 @@ def gather_folds(point: EvalPoint, data: FoldData, num_folds: int) -> list[dict]
     rows = {"id": data.valid_ids, "fold": data.fold, "target": data.valid_targets.tolist(),
             "pred_best": point.best_preds.tolist(), "pred_last": point.preds.tolist()}
     gathered: list = [None] * num_folds
-    dist.all_gather_object(gathered, {"fold": data.fold, "rows": rows})
+    dist.all_gather_object(gathered, {"fold": data.fold, "rows": rows, "diverged": point.diverged})
     return gathered
 
 
@@ -100,6 +113,13 @@ def write_trial_files(storage_path: str, trial_id: str, oof: pd.DataFrame, curve
     files = storage.trial_files(trial_id)
     storage.write_text(storage_path, files["oof"], oof.to_csv(index=False))
     storage.write_text(storage_path, files["curve"], pd.DataFrame(curve).to_csv(index=False))
+
+
+def write_trial_status(storage_path: str, trial_id: str, status: str, reason: str | None) -> None:
+    """How a trial ended (and why, for diverged or error: one line, no traceback), for the collector and
+    for a resumed run, which does not run an ended trial again."""
+    text = json.dumps({"status": status, "reason": reason})
+    storage.write_text(storage_path, storage.trial_files(trial_id)["status"], text)
 
 
 def report(metrics: dict, eval_point: int, snapshot, fold: int) -> None:
@@ -125,7 +145,8 @@ def restore_fold_state(fold: int) -> dict | None:
         state_path = Path(directory) / storage.FOLD_STATE.format(fold)
         if not state_path.exists():
             return None
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        # weights_only: the storage may be a shared bucket; a fold state is tensors and plain types.
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
     log.info("fold %d resumes at step %d", fold, state["step"])
     return state
 

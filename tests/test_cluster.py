@@ -10,15 +10,20 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import requests
 import yaml
+
+from raycv.cluster import DRIVER_RESOURCE
 
 from helpers import REPO_DIR, kill_group
 
@@ -81,7 +86,9 @@ def test_cluster_yaml_installs_this_raycv_and_ray_version():
     assert pinned == ray.__version__
     gpu = config["available_node_types"]["gpu"]
     assert gpu["node_config"]["InstanceType"].startswith(("g5.", "g6.", "g6e.", "p4", "p5"))
-    assert config["available_node_types"]["head"]["resources"] == {"GPU": 0}
+    assert config["available_node_types"]["head"]["resources"] == {"GPU": 0, DRIVER_RESOURCE: 100}
+    assert all(DRIVER_RESOURCE not in t["resources"] for name, t in config["available_node_types"].items()
+               if name != "head")  # trial drivers never land on a GPU node
     assert config["available_node_types"]["gpu_spot"]["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
 
 
@@ -99,6 +106,9 @@ def head(tmp_path_factory):
     """`ray start --head --block` as cluster.yaml starts it, with its own token file, in a process group of
     its own: the end of the module ends that group (the head and every process it started), nothing else."""
     home = tmp_path_factory.mktemp("head")
+    # A temp dir of its own (short: Ray's socket paths must fit 107 bytes) keeps the head's session files
+    # and its "current cluster" address out of /tmp/ray, where a later ray.init() would look for them.
+    temp_dir = Path(tempfile.mkdtemp(prefix="raycv-head-"))
     token_path = home / "auth_token"
     token_path.write_text(secrets.token_hex(32))
     ports = {"gcs": free_port(), "dashboard": free_port(), "metrics": free_port()}
@@ -108,7 +118,8 @@ def head(tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={ports['gcs']}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
-         f"--metrics-export-port={ports['metrics']}", "--num-cpus=2", "--disable-usage-stats"],
+         f"--metrics-export-port={ports['metrics']}", "--num-cpus=2", "--disable-usage-stats",
+         f"--temp-dir={temp_dir}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
@@ -124,6 +135,7 @@ def head(tmp_path_factory):
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=60)
         kill_group(proc)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def dashboard_answers(url: str, token: str) -> bool:

@@ -232,7 +232,7 @@ def test_many_bad_rows_are_counted_not_all_listed(small_csv, tmp_path):
 
 def test_too_few_rows_for_the_folds_are_refused(small_csv, tmp_path):
     data, _ = small_csv(tmp_path / "g.csv", lambda df: df.head(9), num_folds=5)
-    with pytest.raises(RaycvError, match=r"^9 rows are too few for 5 folds; need at least 10$"):
+    with pytest.raises(RaycvError, match=r"^data.num_folds: 5 folds need at least 10 rows, the data has 9; "):
         load_folds(data)
 
 

@@ -45,15 +45,15 @@ def run_dir(tmp_path_factory, train_csv) -> Path:
         (run_dir / "curves").mkdir(exist_ok=True)
         curve.to_csv(run_dir / "curves" / f"{trial_id}.csv", index=False)
     trials = [
-        {"trial_id": "t_good", "params": {"train.lr": 3e-5}, "status": "finished", "eval_points": 6, "error": None},
-        {"trial_id": "t_fair", "params": {"train.lr": 1e-5}, "status": "finished", "eval_points": 6, "error": None},
-        {"trial_id": "t_stopped", "params": {"train.lr": 5e-6}, "status": "stopped", "eval_points": 2, "error": None},
+        {"trial_id": "t_good", "params": {"train.lr": 3e-5}, "status": "finished", "eval_points": 6, "reason": None},
+        {"trial_id": "t_fair", "params": {"train.lr": 1e-5}, "status": "finished", "eval_points": 6, "reason": None},
+        {"trial_id": "t_stopped", "params": {"train.lr": 5e-6}, "status": "stopped", "eval_points": 2, "reason": None},
         {"trial_id": "t_error", "params": {"train.lr": 9e-5}, "status": "error", "eval_points": 0,
-         "error": "TrainingFailedError: worker died"},
+         "reason": "fold 1: RuntimeError: worker died"},
     ]
     (run_dir / "run.json").write_text(json.dumps(
         {"name": "handmade", "num_points": 6, "max_t": 6, "scheduler": "asha", "searched": ["train.lr"],
-         "trials": trials}))
+         "state": "finished", "trials": trials}))
     return run_dir
 
 
@@ -103,7 +103,7 @@ def test_a_seed_ensemble_averages_trials_that_differ_only_in_seed(run_dir, tmp_p
     for trial in run["trials"]:
         trial["params"] = {"train.lr": 3e-5, "train.seed": seeds[trial["trial_id"]]}
     run["trials"].append({"trial_id": "t_other", "params": {"train.lr": 1e-5, "train.seed": 5}, "status": "finished",
-                          "eval_points": 6, "error": None})
+                          "eval_points": 6, "reason": None})
     run["searched"] = ["train.lr", "train.seed"]
     (seeded / "run.json").write_text(json.dumps(run))
 
@@ -135,7 +135,7 @@ def test_markdown_csv_and_plots(run_dir):
     rows = [line for line in text.splitlines() if line.startswith("| t_")]
     assert len(rows) == 4
     assert all(row.count("|") == text.splitlines()[6].count("|") for row in rows)  # as many cells as the header
-    assert "error (TrainingFailedError: worker died)" in text
+    assert "error (fold 1: RuntimeError: worker died)" in text
     assert "optimistic" in text and "TF-IDF (1-2 grams) + ridge" in text
     trials = pd.read_csv(run_dir / "trials.csv")
     assert list(trials["trial_id"]) == ["t_stopped", "t_good", "t_fair", "t_error"]

@@ -19,7 +19,7 @@ LAYERS = [
     {"storage", "scoring", "progress", "metrics", "config"},
     {"spaces", "data", "model", "collect"},
     {"train_fold", "report"},
-    {"worker"},
+    {"worker", "preflight", "cluster"},
     {"sweep"},
     {"commands"},
     {"cli"},

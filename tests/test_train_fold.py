@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 
@@ -152,7 +153,8 @@ def test_a_run_resumed_from_a_snapshot_ends_like_an_uninterrupted_one(short_conf
 
     with pytest.raises(Stop):
         train_fold(short_config, fold0, device=CPU, on_eval=stop_after_point_3)
-    state = torch.load(io.BytesIO(saved["state"]), weights_only=False)
+    # weights_only: a fold state is tensors and plain types, so it loads without unpickling code.
+    state = torch.load(io.BytesIO(saved["state"]), weights_only=True)
     assert state["step"] == 28 and len(state["curve"]) == 3  # mid-epoch: 19 steps per epoch
     assert state["curve"] == uninterrupted.curve[:3]
 
@@ -161,6 +163,22 @@ def test_a_run_resumed_from_a_snapshot_ends_like_an_uninterrupted_one(short_conf
 
     assert seen == [4, 5, 6]
     assert same_result(resumed, uninterrupted)
+
+
+def test_a_fold_that_diverges_stops_and_says_why(short_config, fold0):
+    """Targets far beyond float32 make the loss infinite at once: the first point reports the reason and
+    training stops there instead of running on NaN weights."""
+    exploding = dataclasses.replace(fold0, train_targets=fold0.train_targets * np.float32(1e30))
+    seen = []
+    result = train_fold(short_config, exploding, device=CPU, on_eval=lambda point, _: seen.append(point))
+    assert [point.index for point in seen] == [1] and len(result.curve) == 1
+    assert seen[0].diverged == result.diverged
+    assert result.diverged.startswith("fold 0 diverged at point 1 (step 10): train_loss ")
+
+
+def test_on_eval_returning_true_stops_training(short_config, fold0):
+    result = train_fold(short_config, fold0, device=CPU, on_eval=lambda point, _: point.index == 2)
+    assert len(result.curve) == 2 and result.diverged is None
 
 
 # ---------------------------------------------------------------- the schedule of evaluation points

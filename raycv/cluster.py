@@ -1,0 +1,133 @@
+"""Where a search runs: start a local Ray or join a cluster, and size the trials to what it holds.
+
+    raycv tune search_spaces/base.yaml --address auto      # on the head node of `ray up cluster.yaml`
+
+Token authentication stays on (Ray 2.60's default for a local Ray); the token file raycv relies on is
+kept readable by its owner only.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import stat
+from pathlib import Path
+
+from raycv import RaycvError
+from raycv.config import Config
+
+TRIAL_DRIVER_CPU = 0.25  # the Tune trial's own actor; the fold workers reserve their own resources
+# cluster.yaml gives the head node this custom resource, so trial drivers run there and a lost GPU node
+# (spot) takes down only fold workers, whose trial then retries from their checkpoints.
+DRIVER_RESOURCE = "raycv_driver"
+DRIVER_RESOURCE_SHARE = 0.01
+
+
+def start_ray(address: str | None) -> bool:
+    """Join the cluster at `address` (or RAY_ADDRESS); else start a local Ray. True if we started it.
+
+    Token authentication stays on: Ray 2.60 enables it for a new local Ray and for address="auto" when a
+    token exists; for an explicit address we do the same (RAY_AUTH_MODE=token when a token is available)."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and "RAY_AUTH_MODE" not in os.environ and _token_available():
+        os.environ["RAY_AUTH_MODE"] = "token"
+    import ray
+
+    if address:
+        _check_reachable(address)
+        try:
+            context = ray.init(address=address)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise RaycvError(f"cannot join the Ray cluster at {address}: {str(exc).strip().splitlines()[-1]}") from None
+        print(f"joined the Ray cluster at {address}; dashboard: {_url(context.dashboard_url)}", flush=True)
+        return False
+    # "local": always a new Ray of our own, never one a `ray start` left on this machine (which ray.init()
+    # would otherwise join, or wait on for minutes if it has died).
+    context = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
+    if secure_token_file(token_path()):
+        print(f"made {token_path()} readable by its owner only (it is the cluster's password)")
+    print(f"started a local Ray for this run; dashboard: {_url(context.dashboard_url)} "
+          f"(token authentication: the token is in ~/.ray/auth_token)", flush=True)
+    return True
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast on a host:port nobody listens on: ray.init would retry it for minutes."""
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not port.isdigit():
+        return  # "auto", ray://..., or a form Ray resolves itself
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as exc:
+        raise RaycvError(f"cannot join the Ray cluster at {address}: nothing answers there ({exc.strerror or exc}); "
+                         "start it with `ray start --head` or check --address") from None
+
+
+def token_path() -> Path:
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+
+
+def _token_available() -> bool:
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or token_path().is_file()
+
+
+def secure_token_file(path: Path) -> bool:
+    """Make the token file readable and writable by its owner only; True if it had to be changed."""
+    if not path.is_file():
+        return False
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if not mode & 0o077:
+        return False
+    path.chmod(0o600)
+    return True
+
+
+def _url(dashboard_url: str | None) -> str:
+    if not dashboard_url:
+        return "(no dashboard)"
+    return dashboard_url if "://" in dashboard_url else f"http://{dashboard_url}"
+
+
+def plan_resources(config: Config, joined: bool) -> tuple[float, int]:
+    """GPUs per fold (resolving auto) and concurrent trials, from what the cluster holds now."""
+    import ray
+
+    available = ray.cluster_resources()
+    cpus, gpus_total = available.get("CPU", 0), available.get("GPU", 0)
+    folds = config.data.num_folds
+    gpus = config.resources.gpus_per_fold
+    gpus = (1.0 if gpus_total > 0 else 0.0) if gpus == "auto" else float(gpus)
+    cpu_need = folds * config.resources.cpus_per_fold + TRIAL_DRIVER_CPU
+    gpu_need = folds * gpus
+    short = []
+    if cpu_need > cpus:
+        short.append(
+            f"{cpu_need:g} CPUs ({folds} folds x resources.cpus_per_fold {config.resources.cpus_per_fold:g} "
+            f"+ {TRIAL_DRIVER_CPU} for the trial), the cluster has {cpus:g}"
+        )
+    if gpu_need > gpus_total:
+        short.append(
+            f"{gpu_need:g} GPUs ({folds} folds x resources.gpus_per_fold {gpus:g}), the cluster has {gpus_total:g}"
+        )
+    if short and not joined:
+        raise RaycvError(
+            f"one trial needs {'; and '.join(short)}; "
+            "lower resources.cpus_per_fold / gpus_per_fold or join a cluster with --address"
+        )
+    if short:
+        print(f"waiting for the autoscaler: one trial needs {'; '.join(short)}")
+    fits = [math.floor(cpus / cpu_need)] + ([math.floor(gpus_total / gpu_need)] if gpu_need else [])
+    concurrent = config.run.max_concurrent_trials or max(1, min(fits))
+    return gpus, concurrent
+
+
+
+
+def trial_driver_resources(cluster: dict[str, float]) -> dict[str, float]:
+    """What one trial's driver (its Tune actor) reserves: a little CPU, and on a cluster that offers it
+    (cluster.yaml's head), a share of the head-only resource that keeps drivers off the GPU nodes."""
+    resources = {"CPU": TRIAL_DRIVER_CPU}
+    if cluster.get(DRIVER_RESOURCE):
+        resources[DRIVER_RESOURCE] = DRIVER_RESOURCE_SHARE
+    return resources

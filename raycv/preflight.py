@@ -1,0 +1,162 @@
+"""Everything that would fail inside a fold worker, checked before Ray (or a GPU) starts.
+
+    raycv validate search_spaces/base.yaml        # runs these checks; so does raycv tune, before Ray starts
+
+`raycv.spaces` has already checked every key and every value a search can draw. Here each config a trial
+can get (the file's, and the file's with each searched value in turn) is checked against what only the
+model and the data can say: the backbone's position embeddings, vocabulary and layers, the training steps
+the evaluation points need, the scheduler's horizon, and where the run will write. Every problem is
+reported at once, one line each, naming the key, what was found and what is expected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from raycv import RaycvError
+from raycv.config import Config, PretrainedBackbone, StructBertBackbone, TinyBackbone
+from raycv.data import EncodedFolds, encode_folds
+from raycv.model import load_tokenizer, name_or_dir, read_structbert_config, read_structbert_state_dict
+from raycv.spaces import ConfigError
+from raycv.train_fold import steps_per_epoch, trial_eval_points
+
+TINY_POSITIONS = 512  # a tiny BERT's max_position_embeddings (model.build_backbone)
+
+
+@dataclass
+class Plan:
+    """What the checks computed and the search uses: the encoded folds and the trial's evaluation points."""
+
+    encoded: EncodedFolds
+    num_points: int  # evaluation points of every trial
+    max_t: int  # ASHA's horizon in evaluation points
+    valid_sizes: list[int]  # validation rows per fold
+
+
+def drawable_configs(config: Config) -> list[tuple[str, Config]]:
+    """(where, config) for the file's config and for each searched value in turn, as a trial would get it."""
+    configs = [("", config)]
+    for key, dim in config.search.params.items():
+        for value in dim.values_to_check():
+            configs.append((f"search.params.{key}.{dim.kind} value {value!r}: ", config.with_overrides({key: value})))
+    return configs
+
+
+def preflight(config: Config, source: str) -> Plan:
+    """Check `config` for everything the workers would trip on; raise ConfigError with every problem."""
+    problems = check_output_paths(config)
+    drawn = drawable_configs(config)
+    tokenizers = {}
+    for where, trial in drawn:
+        key = json.dumps(trial.model.backbone.model_dump(), sort_keys=True)
+        try:
+            if key not in tokenizers:
+                tokenizers[key] = load_tokenizer(trial.model)
+            problems += [where + p for p in check_model(trial, tokenizers[key])]
+        except RaycvError as exc:
+            problems.append(f"{where}{exc}")
+    try:
+        encoded = encode_folds(config, tokenizers.get(json.dumps(config.model.backbone.model_dump(), sort_keys=True))
+                               or load_tokenizer(config.model))
+    except RaycvError as exc:
+        raise ConfigError(source, problems + [str(exc)]) from None
+    valid_sizes = encoded.table["fold"].value_counts().sort_index().tolist()
+    num_points = trial_eval_points(config.train, encoded.table["fold"])
+    train_rows = len(encoded.table) - max(valid_sizes)
+    for where, trial in drawn:
+        total = trial.train.epochs * steps_per_epoch(train_rows, trial.train.batch_size)
+        if total < num_points:
+            problems.append(f"{where}train.batch_size: {trial.train.batch_size} leaves {total} training steps "
+                            f"per fold, fewer than the {num_points} evaluation points of a trial; lower it or "
+                            "train longer")
+    max_t = config.scheduler.max_t or num_points
+    if max_t > num_points:
+        problems.append(f"scheduler.max_t: {max_t} is more than the {num_points} evaluation points of a trial; "
+                        f"lower it (or leave it out)")
+    if config.scheduler.type == "asha" and config.scheduler.grace_period > max_t:
+        problems.append(f"scheduler.grace_period: {config.scheduler.grace_period} exceeds the {max_t} evaluation "
+                        f"points of a trial; lower it")
+    if problems:
+        raise ConfigError(source, list(dict.fromkeys(problems)))
+    return Plan(encoded=encoded, num_points=num_points, max_t=max_t, valid_sizes=valid_sizes)
+
+
+def check_model(config: Config, tokenizer) -> list[str]:
+    """Shapes the backbone cannot take: positions, vocabulary, layers; a StructBERT checkpoint's tensors."""
+    shape = backbone_shape(config, tokenizer)
+    problems = []
+    if config.model.max_length > shape["max_position_embeddings"]:
+        problems.append(f"model.max_length: {config.model.max_length} is more than the backbone's "
+                        f"{shape['max_position_embeddings']} position embeddings; lower it")
+    if len(tokenizer) > shape["vocab_size"]:
+        problems.append(f"model.backbone: the tokenizer has {len(tokenizer)} tokens but the embedding table "
+                        f"{shape['vocab_size']} rows; use the vocabulary the checkpoint was trained with")
+    if config.model.reinit_layers > shape["num_hidden_layers"]:
+        problems.append(f"model.reinit_layers: {config.model.reinit_layers} is more than the backbone's "
+                        f"{shape['num_hidden_layers']} layers; lower it")
+    if isinstance(config.model.backbone, StructBertBackbone):
+        problems += structbert_checkpoint_problems(config.model.backbone)
+    return problems
+
+
+def backbone_shape(config: Config, tokenizer) -> dict[str, int]:
+    """max_position_embeddings, vocab_size and num_hidden_layers of the backbone, read from its config only
+    (a tiny BERT is built for its tokenizer)."""
+    backbone = config.model.backbone
+    if isinstance(backbone, TinyBackbone):
+        return {"max_position_embeddings": TINY_POSITIONS, "vocab_size": len(tokenizer),
+                "num_hidden_layers": backbone.num_layers}
+    if isinstance(backbone, StructBertBackbone):
+        bert = read_structbert_config(backbone.config)
+    else:
+        from transformers import AutoConfig
+
+        assert isinstance(backbone, PretrainedBackbone)
+        source, local_only = name_or_dir(backbone.path)
+        try:
+            bert = AutoConfig.from_pretrained(source, local_files_only=local_only)
+        except (OSError, ValueError) as exc:
+            raise RaycvError(f"model.backbone.path: cannot read the model's config.json in {backbone.path} "
+                             f"({str(exc).splitlines()[0]})") from None
+    return {key: int(getattr(bert, key)) for key in ("max_position_embeddings", "vocab_size", "num_hidden_layers")}
+
+
+def structbert_checkpoint_problems(backbone: StructBertBackbone) -> list[str]:
+    """Every tensor the config needs is in the checkpoint with its shape (a model on the meta device: no
+    memory for weights), so a mismatched en_model fails here rather than in every fold worker."""
+    from transformers import BertModel
+
+    config = read_structbert_config(backbone.config)
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in BertModel(config, add_pooling_layer=True).state_dict().items()}
+    state, _ = read_structbert_state_dict(backbone.checkpoint, mmap=True)
+    problems = [f"missing {k}" for k in expected if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in expected]
+    problems += [f"{k} has shape {tuple(state[k].shape)}, the config needs {shape}"
+                 for k, shape in expected.items() if k in state and tuple(state[k].shape) != shape]
+    if not problems:
+        return []
+    shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+    return [f"model.backbone.checkpoint: {backbone.checkpoint} does not fit {backbone.config}: {shown}"]
+
+
+def check_output_paths(config: Config) -> list[str]:
+    """run.output_dir (and a local run.storage_path) must be a directory raycv can create and write."""
+    problems = []
+    paths = [("run.output_dir", config.run.output_dir)]
+    if config.run.storage_path and "://" not in config.run.storage_path:
+        paths.append(("run.storage_path", config.run.storage_path))
+    for key, value in paths:
+        path = Path(value)
+        if path.exists() and not path.is_dir():
+            problems.append(f"{key}: {path} is a file, not a directory; choose another with {key}=DIR")
+            continue
+        existing = next(p for p in [path, *path.parents] if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            problems.append(f"{key}: cannot write under {existing}; choose a writable place with {key}=DIR")
+    return problems
