@@ -24,14 +24,19 @@ DRIVER_RESOURCE = "raycv_driver"
 DRIVER_RESOURCE_SHARE = 0.01
 
 
-def start_ray(address: str | None) -> bool:
-    """Join the cluster at `address` (or RAY_ADDRESS); else start a local Ray. True if we started it.
-
-    Token authentication stays on: Ray 2.60 enables it for a new local Ray and for address="auto" when a
-    token exists; for an explicit address we do the same (RAY_AUTH_MODE=token when a token is available)."""
+def use_token_auth(address: str | None) -> None:
+    """Token authentication stays on: Ray 2.60 enables it for a new local Ray and for address="auto" when a
+    token exists; for an explicit address we do the same (RAY_AUTH_MODE=token when a token is available).
+    Call it before Ray is imported: Ray reads RAY_AUTH_MODE when it loads."""
     address = address or os.environ.get("RAY_ADDRESS")
     if address and "RAY_AUTH_MODE" not in os.environ and _token_available():
         os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def start_ray(address: str | None) -> bool:
+    """Join the cluster at `address` (or RAY_ADDRESS); else start a local Ray. True if we started it."""
+    use_token_auth(address)
+    address = address or os.environ.get("RAY_ADDRESS")
     import ray
 
     if address:
@@ -89,39 +94,32 @@ def _url(dashboard_url: str | None) -> str:
     return dashboard_url if "://" in dashboard_url else f"http://{dashboard_url}"
 
 
-def plan_resources(config: Config, joined: bool) -> tuple[float, int]:
-    """GPUs per fold (resolving auto) and concurrent trials, from what the cluster holds now."""
-    import ray
+def plan_resources(config: Config, cluster: dict[str, float], joined: bool) -> tuple[float, int | None]:
+    """GPUs per fold (resolving auto) and the most trials at a time (None: as many as Tune can place).
 
-    available = ray.cluster_resources()
-    cpus, gpus_total = available.get("CPU", 0), available.get("GPU", 0)
-    folds = config.data.num_folds
-    gpus = config.resources.gpus_per_fold
-    gpus = (1.0 if gpus_total > 0 else 0.0) if gpus == "auto" else float(gpus)
-    cpu_need = folds * config.resources.cpus_per_fold + TRIAL_DRIVER_CPU
-    gpu_need = folds * gpus
-    short = []
-    if cpu_need > cpus:
-        short.append(
-            f"{cpu_need:g} CPUs ({folds} folds x resources.cpus_per_fold {config.resources.cpus_per_fold:g} "
-            f"+ {TRIAL_DRIVER_CPU} for the trial), the cluster has {cpus:g}"
-        )
-    if gpu_need > gpus_total:
-        short.append(
-            f"{gpu_need:g} GPUs ({folds} folds x resources.gpus_per_fold {gpus:g}), the cluster has {gpus_total:g}"
-        )
+    `cluster` is what the cluster holds now (`ray.cluster_resources()`). On an autoscaling cluster
+    (cluster.yaml's, known by the head-only driver resource) concurrency is not capped by the nodes up now:
+    Tune queues the trials and their placement groups make the autoscaler add GPU nodes up to its limit,
+    within run.max_concurrent_trials. On a fixed machine (a local Ray), as many trials as fit now."""
+    folds, resources = config.data.num_folds, config.resources
+    autoscaling = joined and bool(cluster.get(DRIVER_RESOURCE))  # its GPU nodes may all be down right now
+    gpus = resources.gpus_per_fold
+    gpus = (1.0 if cluster.get("GPU", 0) > 0 or autoscaling else 0.0) if gpus == "auto" else float(gpus)
+    need = {"CPU": folds * resources.cpus_per_fold + TRIAL_DRIVER_CPU, "GPU": folds * gpus,
+            **{name: folds * amount for name, amount in resources.custom_per_fold.items()}}
+    short = [f"{amount:g} {name}, the cluster has {cluster.get(name, 0):g}"
+             for name, amount in need.items() if amount > cluster.get(name, 0)]
     if short and not joined:
         raise RaycvError(
-            f"one trial needs {'; and '.join(short)}; "
-            "lower resources.cpus_per_fold / gpus_per_fold or join a cluster with --address"
+            f"one trial ({folds} folds x resources.*_per_fold, + {TRIAL_DRIVER_CPU} CPU for its driver) needs "
+            f"{'; and '.join(short)}; lower resources.cpus_per_fold / gpus_per_fold or join a cluster with --address"
         )
     if short:
-        print(f"waiting for the autoscaler: one trial needs {'; '.join(short)}")
-    fits = [math.floor(cpus / cpu_need)] + ([math.floor(gpus_total / gpu_need)] if gpu_need else [])
-    concurrent = config.run.max_concurrent_trials or max(1, min(fits))
-    return gpus, concurrent
-
-
+        print(f"waiting for the autoscaler: one trial needs {'; '.join(short)}", flush=True)
+    if autoscaling:
+        return gpus, config.run.max_concurrent_trials
+    fits = [math.floor(cluster.get(name, 0) / amount) for name, amount in need.items() if amount > 0]
+    return gpus, config.run.max_concurrent_trials or max(1, min(fits))
 
 
 def trial_driver_resources(cluster: dict[str, float]) -> dict[str, float]:

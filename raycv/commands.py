@@ -5,7 +5,6 @@ Human output lives here (and in the Tune driver): the library modules only log.
 
 from __future__ import annotations
 
-import math
 import shlex
 from pathlib import Path
 
@@ -53,7 +52,7 @@ def validate(args) -> int:
         f"per fold: {steps_per_epoch(train_rows, batch)} steps/epoch x {config.train.epochs} epochs, "
         f"{plan.num_points} evaluation points per trial"
     )
-    print(f"trials: {num_trials(config)} (search.num_samples {config.search.num_samples} x grid points)")
+    print(f"trials: {config.num_trials} (search.num_samples {config.search.num_samples} x grid points)")
     if not args.no_model:
         model = build_model(config.model, seed=0)
         print(
@@ -62,11 +61,6 @@ def validate(args) -> int:
         )
     print("ok")
     return 0
-
-
-def num_trials(config) -> int:
-    grid = math.prod(len(d.grid) for d in config.search.params.values() if d.grid)
-    return grid * config.search.num_samples
 
 
 def folds(args) -> int:
@@ -118,11 +112,14 @@ def convert_structbert(args) -> int:
 
 
 def tune(args) -> int:
+    from raycv.cluster import use_token_auth
     from raycv.preflight import preflight
-    from raycv.sweep import run_sweep
 
     config = load_config(args.space, args.overrides)
     plan = preflight(config, str(resolve_space_path(args.space)))  # before Ray, or a GPU, starts
+    use_token_auth(args.address)
+    from raycv.sweep import run_sweep  # imports Ray, which reads the authentication mode as it loads
+
     command = ["raycv", "tune", args.space, *args.overrides] + (["--address", args.address] if args.address else [])
     return run_sweep(config, plan, address=args.address, resume=args.resume, command=shlex.join(command))
 

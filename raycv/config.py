@@ -148,8 +148,18 @@ class SchedulerConfig(Section):
 
 
 class ResourcesConfig(Section):
-    gpus_per_fold: float | Literal["auto"] = "auto"  # auto: 1 when the cluster has GPUs, else 0 (CPU)
+    # auto: 1 when the cluster has GPUs, else 0 (CPU); a share such as 0.2 puts five folds on one GPU
+    gpus_per_fold: float | Literal["auto"] = "auto"
     cpus_per_fold: float = Field(1, gt=0)
+    # other Ray resources each fold worker reserves, e.g. {"accelerator_type:A10G": 0.001} or one your nodes define
+    custom_per_fold: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _gpu_share(self):
+        gpus = self.gpus_per_fold
+        if gpus != "auto" and (gpus < 0 or gpus > 1 and gpus != int(gpus)):
+            raise ValueError(f"gpus_per_fold is {gpus}: use 0 (CPU), a share of one GPU (0 < x <= 1) or whole GPUs")
+        return self
 
 
 class RunConfig(Section):
@@ -172,6 +182,11 @@ class Config(Section):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+
+    @property
+    def num_trials(self) -> int:
+        """Trials the search runs: search.num_samples for every combination of grid values."""
+        return math.prod(len(d.grid) for d in self.search.params.values() if d.grid) * self.search.num_samples
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")

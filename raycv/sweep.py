@@ -23,7 +23,7 @@ import ray
 import yaml
 from ray import tune
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2.api.exceptions import TrainingFailedError
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -73,6 +73,9 @@ def train_driver_fn(params: dict, base_config: dict, encoded: EncodedFolds, num_
     gpus = float(config.resources.gpus_per_fold)
     trainer = TorchTrainer(
         train_fn_per_worker,
+        # gloo, also on GPUs: folds share no gradients, only their predictions at evaluation points, and
+        # gloo (unlike NCCL) lets several folds share one GPU (resources.gpus_per_fold below 1).
+        torch_config=TorchConfig(backend="gloo"),
         train_loop_config={
             "config": config.to_dict(), "encoded": encoded, "trial_id": trial_id,
             "num_points": num_points, "checkpoint_every": config.run.checkpoint_every,
@@ -80,7 +83,8 @@ def train_driver_fn(params: dict, base_config: dict, encoded: EncodedFolds, num_
         scaling_config=ScalingConfig(
             num_workers=config.data.num_folds,
             use_gpu=gpus > 0,
-            resources_per_worker={"CPU": config.resources.cpus_per_fold, **({"GPU": gpus} if gpus > 0 else {})},
+            resources_per_worker={"CPU": config.resources.cpus_per_fold, **({"GPU": gpus} if gpus > 0 else {}),
+                                  **config.resources.custom_per_fold},
         ),
         run_config=RunConfig(
             name=storage.train_run_name(trial_id),
@@ -174,7 +178,7 @@ def run_sweep(config: Config, plan: Plan, address: str | None = None, resume: bo
     previous = check_run_directory(config, output_dir, resume, resume_command)
     started = start_ray(address)
     try:
-        gpus, concurrent = plan_resources(config, joined=not started)
+        gpus, concurrent = plan_resources(config, ray.cluster_resources(), joined=not started)
         config.resources.gpus_per_fold = gpus
         if previous is None:
             write_run_files(config, plan, output_dir)
@@ -191,7 +195,8 @@ def run_sweep(config: Config, plan: Plan, address: str | None = None, resume: bo
               f"{config.data.num_folds} folds ({'/'.join(map(str, plan.valid_sizes))} validation rows), "
               f"{plan.num_points} evaluation points per trial, batch {config.train.batch_size}, "
               f"{gpus:g} GPU + {config.resources.cpus_per_fold:g} CPU per fold, "
-              f"up to {concurrent} trial(s) at a time; output {output_dir}", flush=True)
+              f"{f'up to {concurrent}' if concurrent else 'as many as the autoscaler can place'} trial(s) at a "
+              f"time; output {output_dir}", flush=True)
         with forward_sigterm() as received:
             fit(config, plan, concurrent, resume=previous is not None)
         return finish(config, plan.max_t, received, resume_command)
@@ -263,7 +268,7 @@ class forward_sigterm:
         signal.signal(signal.SIGTERM, self.previous)
 
 
-def fit(config: Config, plan: Plan, concurrent: int, resume: bool) -> None:
+def fit(config: Config, plan: Plan, concurrent: int | None, resume: bool) -> None:
     trainable = tune.with_resources(
         tune.with_parameters(train_driver_fn, base_config=config.to_dict(), encoded=plan.encoded.for_workers(),
                              num_points=plan.num_points),

@@ -2,7 +2,7 @@
 
 One `TorchTrainer` per trial runs `train_fn_per_worker` on `num_folds` workers. The workers share no
 gradients (the model is not wrapped in DDP); they only meet at evaluation points, where
-`all_gather_object` over the process group Ray Train set up (gloo on CPU, NCCL on GPU) hands every fold's
+`all_gather_object` over the gloo process group Ray Train set up (on CPUs and GPUs alike) hands every fold's
 validation predictions to rank 0, which reports the pooled out-of-fold RMSE -- the number ASHA ranks on,
 since only rank 0's metrics reach Tune. Every worker reports at every point: reports are a barrier.
 
@@ -46,9 +46,10 @@ def train_fn_per_worker(loop_config: dict) -> None:
     encoded: EncodedFolds = loop_config["encoded"]
     data = split_fold(encoded, fold)
     trial_id, checkpoint_every = loop_config["trial_id"], loop_config["checkpoint_every"]
-    device = ray.train.torch.get_device()
+    # The GPU Ray gave this fold (a whole one, or a share of one with resources.gpus_per_fold < 1).
+    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
-        torch.cuda.set_device(device)  # one GPU per fold; NCCL's all_gather_object uses the current device
+        torch.cuda.set_device(device)
     fold_metrics = FoldMetrics(config.run.name, trial_id, fold)
     state = restore_fold_state(fold)
     curve = restore_curve(config.run.storage_path, trial_id, state) if fold == 0 else []

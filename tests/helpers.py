@@ -9,14 +9,20 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import secrets
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import requests
 import torch
 
 REPO_DIR = Path(__file__).resolve().parents[1]
@@ -133,6 +139,74 @@ def run_raycv(args: list[str], cwd: Path, timeout: float) -> subprocess.Complete
 
 
 def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the process group `proc` leads (one this test started with start_new_session=True)."""
+    """SIGKILL everything `proc` started: the session it leads (it was started with start_new_session=True).
+    Ray gives each of its workers a process group of its own, but they stay in that session."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
+    for pid in session_pids(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def session_pids(leader: int) -> list[int]:
+    """Processes of the session `leader` leads (a session this test started), from /proc."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == leader and int(stat.parent.name) != leader:  # fields: state ppid pgrp session
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, on loopback."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def ray_head(home: Path, extra_args: list[str] = (), extra_env: dict | None = None):
+    """`ray start --head --block` with token authentication and a token file of its own, in a process group
+    of its own and a temp dir of its own (short: Ray's socket paths must fit 107 bytes; and it keeps the
+    head's "current cluster" address out of /tmp/ray, where a later ray.init() would look). On exit the
+    group is ended -- the head and every process it started -- and nothing else."""
+    token_path = Path(home) / "auth_token"
+    token_path.write_text(secrets.token_hex(32))
+    token = token_path.read_text().strip()
+    temp_dir = Path(tempfile.mkdtemp(prefix="raycv-head-"))
+    ports = {"gcs": free_port(), "dashboard": free_port(), "metrics": free_port()}
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path), **(extra_env or {})}
+    env.pop("RAY_ADDRESS", None)
+    dashboard = f"http://127.0.0.1:{ports['dashboard']}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={ports['gcs']}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
+         f"--metrics-export-port={ports['metrics']}", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+         *extra_args],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not _dashboard_answers(dashboard, token):
+            assert proc.poll() is None, "ray start --head exited"
+            assert time.monotonic() < deadline, "the head's dashboard did not answer within 180 s"
+            time.sleep(1)
+        yield {"ports": ports, "token": token, "token_path": token_path, "env": env,
+               "address": f"127.0.0.1:{ports['gcs']}", "dashboard": dashboard}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # --block: ray stops the processes it started
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=60)
+        kill_group(proc)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _dashboard_answers(url: str, token: str) -> bool:
+    try:
+        return requests.get(f"{url}/api/version", timeout=5, headers={"Authorization": f"Bearer {token}"}).ok
+    except requests.RequestException:
+        return False

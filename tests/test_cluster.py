@@ -5,19 +5,12 @@ real head (`ray start --head`, token authentication on) takes the smoke run as a
 Every command here has a hard time limit; the head is stopped at the end whatever happens.
 """
 
-import contextlib
 import json
 import os
 import re
-import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 import requests
@@ -25,7 +18,7 @@ import yaml
 
 from raycv.cluster import DRIVER_RESOURCE
 
-from helpers import REPO_DIR, kill_group
+from helpers import REPO_DIR, free_port, ray_head
 
 REPO = REPO_DIR
 CLUSTER_YAML = REPO / "cluster.yaml"
@@ -95,54 +88,12 @@ def test_cluster_yaml_installs_this_raycv_and_ray_version():
 # ---------------------------------------------------------------- a real head
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    """`ray start --head --block` as cluster.yaml starts it, with its own token file, in a process group of
-    its own: the end of the module ends that group (the head and every process it started), nothing else."""
-    home = tmp_path_factory.mktemp("head")
-    # A temp dir of its own (short: Ray's socket paths must fit 107 bytes) keeps the head's session files
-    # and its "current cluster" address out of /tmp/ray, where a later ray.init() would look for them.
-    temp_dir = Path(tempfile.mkdtemp(prefix="raycv-head-"))
-    token_path = home / "auth_token"
-    token_path.write_text(secrets.token_hex(32))
-    ports = {"gcs": free_port(), "dashboard": free_port(), "metrics": free_port()}
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
-    env.pop("RAY_ADDRESS", None)
-    dashboard = f"http://127.0.0.1:{ports['dashboard']}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={ports['gcs']}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
-         f"--metrics-export-port={ports['metrics']}", "--num-cpus=2", "--disable-usage-stats",
-         f"--temp-dir={temp_dir}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 180
-        while not dashboard_answers(dashboard, token_path.read_text().strip()):
-            assert proc.poll() is None, "ray start --head exited"
-            assert time.monotonic() < deadline, "the head's dashboard did not answer within 180 s"
-            time.sleep(1)
-        yield {"ports": ports, "token": token_path.read_text().strip(), "token_path": token_path, "env": env,
-               "address": f"127.0.0.1:{ports['gcs']}", "dashboard": dashboard}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # --block: ray stops the processes it started
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=60)
-        kill_group(proc)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def dashboard_answers(url: str, token: str) -> bool:
-    try:
-        return requests.get(f"{url}/api/version", timeout=5, headers={"Authorization": f"Bearer {token}"}).ok
-    except requests.RequestException:
-        return False
+    """`ray start --head` as cluster.yaml starts it (token authentication, dashboard on loopback)."""
+    # One (logical) GPU: enough for a trial whose folds share it (resources.gpus_per_fold 0.2).
+    with ray_head(tmp_path_factory.mktemp("head"), ["--num-cpus=2", "--num-gpus=1"]) as info:
+        yield info
 
 
 def raycv_metrics(metrics_port: int) -> dict[str, list[tuple[dict, float]]]:
@@ -251,3 +202,31 @@ def test_joining_a_cluster_that_is_not_there_is_one_line_and_status_2(tmp_path, 
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("raycv: error: cannot join the Ray cluster")
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_folds_share_one_gpu(head, train_csv, tmp_path, monkeypatch):
+    """resources.gpus_per_fold 0.2: a trial's three fold workers are placed together on the head's single
+    GPU (a logical one here: this machine has no CUDA, so the folds compute on the CPU) and pool their
+    predictions over gloo, which, unlike NCCL, takes several ranks on one device."""
+    from ray.util.state import list_actors
+
+    env = {k: v for k, v in head["env"].items() if k != "RAY_ADDRESS"}
+    out_dir = tmp_path / "shared_gpu"
+    proc = subprocess.run(
+        [sys.executable, "-m", "raycv.cli", "tune", "--address", head["address"], "spaces/smoke.yaml",
+         f"data.path={train_csv}", "run.name=shared", f"run.output_dir={out_dir}", "resources.gpus_per_fold=0.2",
+         "search.params={train.lr: {grid: [0.003]}}", "search.num_samples=1", "train.epochs=3"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=720,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "0.2 GPU + 0.5 CPU per fold" in proc.stdout
+    (trial,) = json.loads((out_dir / "report.json").read_text())["trials"]
+    assert trial["status"] == "finished"
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(head["token_path"]))
+    workers = list_actors(address=head["dashboard"], filters=[("class_name", "=", "RayTrainWorker")], detail=True,
+                          limit=1000)
+    shared = [w for w in workers if (w.required_resources or {}).get("GPU") == pytest.approx(0.2)]
+    assert len(shared) == 3, [w.required_resources for w in workers]

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from raycv import RaycvError
 from raycv.cli import main
 from raycv.cluster import DRIVER_RESOURCE, secure_token_file, trial_driver_resources
 from raycv.collect import describe_failure
@@ -154,6 +155,32 @@ def test_the_token_file_is_made_private(tmp_path):
 def test_trial_drivers_go_where_cluster_yaml_says():
     assert trial_driver_resources({"CPU": 8}) == {"CPU": 0.25}
     assert trial_driver_resources({"CPU": 8, DRIVER_RESOURCE: 100})[DRIVER_RESOURCE] > 0
+
+
+def test_concurrency_follows_what_the_cluster_can_grow_to(tiny_space):
+    """A local Ray runs as many trials as fit now; cluster.yaml's autoscaling cluster (its head offers the
+    driver resource) lets Tune queue them all, for the autoscaler to add GPU nodes, within
+    run.max_concurrent_trials."""
+    from raycv.cluster import plan_resources
+    from raycv.spaces import load_config
+
+    config = load_config(tiny_space())  # 3 folds x 0.5 CPU + 0.25 for the driver
+    assert plan_resources(config, {"CPU": 2}, joined=False) == (0.0, 1)
+    assert plan_resources(config, {"CPU": 8}, joined=False) == (0.0, 4)
+    base = load_config(tiny_space({"resources": {"gpus_per_fold": "auto", "cpus_per_fold": 2}}))
+    head_only = {"CPU": 8, DRIVER_RESOURCE: 100}  # GPU nodes all down: autoscaling starts from zero
+    assert plan_resources(base, head_only, joined=True) == (1.0, None)
+    capped = load_config(tiny_space({"resources": {"gpus_per_fold": 1}, "run": {"max_concurrent_trials": 2}}))
+    assert plan_resources(capped, head_only, joined=True) == (1.0, 2)
+    shared = load_config(tiny_space({"resources": {"gpus_per_fold": 0.2, "cpus_per_fold": 0.5}}))
+    assert plan_resources(shared, {"CPU": 16, "GPU": 1}, joined=False) == (0.2, 1)  # 3 x 0.2 of one GPU
+    with pytest.raises(RaycvError, match="needs 3 GPU, the cluster has 0"):
+        plan_resources(capped, {"CPU": 8}, joined=False)
+
+
+def test_a_gpu_share_above_one_is_refused(tiny_space, capsys):
+    assert main(["validate", str(tiny_space()), "resources.gpus_per_fold=1.5"]) == 2
+    assert "resources: gpus_per_fold is 1.5" in capsys.readouterr().err
 
 
 def test_a_fold_failure_is_one_line_naming_the_fold():

@@ -152,15 +152,15 @@ def test_second_run_into_the_same_directory_is_refused(smoke_run, train_csv):
 
 
 def fold_worker_pids(dashboard_url: str, group: int) -> list[int]:
-    """Fold workers of the Ray cluster that the raycv process group `group` started, through that cluster's
-    state API (never a process picked by name across the machine)."""
+    """Fold workers of the Ray cluster that the raycv process `group` (a session leader) started, through
+    that cluster's state API (never a process picked by name across the machine)."""
     from ray.util.state import list_actors
 
     actors = list_actors(
         address=dashboard_url, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
     )
     pids = [actor.pid for actor in actors if actor.pid]
-    return [pid for pid in pids if os.getpgid(pid) == group]  # ours: a process of the group this test started
+    return [pid for pid in pids if os.getsid(pid) == group]  # ours: in the session this test started
 
 
 @pytest.mark.timeout(900)

@@ -1,0 +1,79 @@
+"""Every node busy: on an autoscaling cluster, trials are not capped by the nodes up at the start. Ray's fake
+autoscaling cluster (worker nodes that start on demand, on this machine) stands in for cluster.yaml's:
+the head offers the trial drivers' resource, the worker nodes a custom resource standing in for GPUs.
+The head runs as `ray start --head --block` in a process group of its own, ended by the test.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+from raycv.cluster import DRIVER_RESOURCE
+
+from helpers import ray_head
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
+
+NODE_SLOTS, MAX_NODES, FOLDS = 3, 2, 3  # one trial (3 folds x 1 slot) fills a node; 2 nodes at most
+
+
+@pytest.fixture(scope="module")
+def autoscaling_head(tmp_path_factory):
+    home = tmp_path_factory.mktemp("autoscaling")
+    example = Path(ray.__file__).parent / "autoscaler/_private/fake_multi_node/example.yaml"
+    config = yaml.safe_load(example.read_text())
+    config["max_workers"] = MAX_NODES
+    config["available_node_types"] = {
+        "ray.head.default": {"resources": {"CPU": 2, DRIVER_RESOURCE: 100}, "node_config": {}, "max_workers": 0},
+        "fold_node": {"resources": {"CPU": 2, "fold_slot": NODE_SLOTS}, "node_config": {},
+                      "min_workers": 0, "max_workers": MAX_NODES},
+    }
+    config_path = home / "autoscaling.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    extra = [f"--autoscaling-config={config_path}", "--num-cpus=2", f"--resources={json.dumps({DRIVER_RESOURCE: 100})}"]
+    with ray_head(home, extra, {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}) as info:
+        yield info
+
+
+def trial_spans(tune_dir: Path) -> list[tuple[float, float]]:
+    """(start, end) of every trial, from Tune's own result records."""
+    spans = []
+    for result_json in tune_dir.glob("*/result.json"):
+        records = [json.loads(line) for line in result_json.read_text().splitlines() if line.strip()]
+        first, last = records[0], records[-1]
+        spans.append((first["timestamp"] - first["time_total_s"], last["timestamp"]))
+    return spans
+
+
+def most_at_once(spans: list[tuple[float, float]]) -> int:
+    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    running = best = 0
+    for _, change in events:
+        running += change
+        best = max(best, running)
+    return best
+
+
+def test_trials_fill_every_node_the_autoscaler_can_add(autoscaling_head, tmp_path, train_csv):
+    env = {k: v for k, v in autoscaling_head["env"].items() if k not in ("RAY_FAKE_CLUSTER",)}
+    out_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "raycv.cli", "tune", "spaces/smoke.yaml", "--address", autoscaling_head["address"],
+         f"data.path={train_csv}", f"run.output_dir={out_dir}", "search.params={train.lr: {grid: [0.003]}}",
+         "search.num_samples=4", "scheduler.type=none", "train.epochs=8", "resources.cpus_per_fold=0.5",
+         "resources.custom_per_fold={fold_slot: 1}", "run.max_concurrent_trials=null"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900, start_new_session=True,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "as many as the autoscaler can place" in proc.stdout
+    spans = trial_spans(out_dir / "ray" / "tune")
+    assert len(spans) == 4
+    # The cluster starts with no worker node; at its largest it holds MAX_NODES trials, and it got there.
+    assert most_at_once(spans) == MAX_NODES, spans
