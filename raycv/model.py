@@ -171,7 +171,7 @@ def convert_structbert(checkpoint: str, config_json: str, vocab: str, out_dir: s
 
 
 def build_backbone(model: ModelConfig):
-    from transformers import AutoModel, BertConfig, BertModel
+    from transformers import AutoModel, BertModel
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # no progress bars in logs or inside Ray workers
@@ -180,18 +180,35 @@ def build_backbone(model: ModelConfig):
     if isinstance(backbone, StructBertBackbone):
         return load_structbert(backbone, model.attention)[0]
     if isinstance(backbone, TinyBackbone):
-        tokenizer = load_tokenizer(model)
-        config = BertConfig(
-            vocab_size=len(tokenizer), hidden_size=backbone.hidden_size, num_hidden_layers=backbone.num_layers,
-            num_attention_heads=backbone.num_heads, intermediate_size=backbone.intermediate_size,
-            max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id, attn_implementation=model.attention,
-        )
-        return BertModel(config, add_pooling_layer=True)
+        return BertModel(tiny_config(model), add_pooling_layer=True)
     try:
         source, local_only = name_or_dir(backbone.path)
         return AutoModel.from_pretrained(source, attn_implementation=model.attention, local_files_only=local_only)
     except (OSError, ValueError) as exc:
         raise RaycvError(f"cannot load model.backbone.path {backbone.path}: {str(exc).splitlines()[0]}") from None
+
+
+def tiny_config(model: ModelConfig):
+    """The BertConfig of a tiny random backbone (its vocabulary: its tokenizer's)."""
+    from transformers import BertConfig
+
+    backbone, tokenizer = model.backbone, load_tokenizer(model)
+    return BertConfig(
+        vocab_size=len(tokenizer), hidden_size=backbone.hidden_size, num_hidden_layers=backbone.num_layers,
+        num_attention_heads=backbone.num_heads, intermediate_size=backbone.intermediate_size,
+        max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id, attn_implementation=model.attention,
+    )
+
+
+def regressor_from_weights(backbone_config: dict, pooling: str, state: dict[str, torch.Tensor]) -> Regressor:
+    """A fine-tuned regressor rebuilt from its backbone's config and its saved weights (no backbone files,
+    no pickles): what `raycv predict` runs."""
+    from transformers import BertConfig, BertModel
+
+    backbone = BertModel(BertConfig.from_dict(backbone_config), add_pooling_layer=True)
+    regressor = Regressor(backbone, pooling, dropout=0.0)
+    regressor.load_state_dict(state, strict=True)
+    return regressor.eval()
 
 
 class AttentionPool(nn.Module):

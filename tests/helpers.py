@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import secrets
 import shutil
@@ -169,7 +170,7 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def ray_head(home: Path, extra_args: list[str] = (), extra_env: dict | None = None):
+def ray_head(home: Path, extra_args: list[str] = (), extra_env: dict | None = None, gcs_port: int | None = None):
     """`ray start --head --block` with token authentication and a token file of its own, in a process group
     of its own and a temp dir of its own (short: Ray's socket paths must fit 107 bytes; and it keeps the
     head's "current cluster" address out of /tmp/ray, where a later ray.init() would look). On exit the
@@ -178,7 +179,7 @@ def ray_head(home: Path, extra_args: list[str] = (), extra_env: dict | None = No
     token_path.write_text(secrets.token_hex(32))
     token = token_path.read_text().strip()
     temp_dir = Path(tempfile.mkdtemp(prefix="raycv-head-"))
-    ports = {"gcs": free_port(), "dashboard": free_port(), "metrics": free_port()}
+    ports = {"gcs": gcs_port or free_port(), "dashboard": free_port(), "metrics": free_port()}
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path), **(extra_env or {})}
     env.pop("RAY_ADDRESS", None)
     dashboard = f"http://127.0.0.1:{ports['dashboard']}"
@@ -210,3 +211,19 @@ def _dashboard_answers(url: str, token: str) -> bool:
         return requests.get(f"{url}/api/version", timeout=5, headers={"Authorization": f"Bearer {token}"}).ok
     except requests.RequestException:
         return False
+
+
+def list_actors(dashboard_url: str, class_name: str, env: dict | None = None) -> list[dict]:
+    """Actors of `class_name` (alive and dead) through the cluster's state API, asked from a fresh process:
+    Ray reads its authentication mode once per process, and this one may have loaded Ray without it."""
+    code = (
+        "import json, sys; from ray.util.state import list_actors; "
+        f"actors = list_actors(address={dashboard_url!r}, filters=[('class_name', '=', {class_name!r})], "
+        "detail=True, limit=10000); "
+        "print(json.dumps([{'pid': a.pid, 'state': a.state, 'required_resources': a.required_resources} "
+        "for a in actors]))"
+    )
+    env = {**(env or os.environ), "RAY_AUTH_MODE": "token"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -18,7 +18,7 @@ import yaml
 
 from raycv.cluster import DRIVER_RESOURCE
 
-from helpers import REPO_DIR, free_port, ray_head
+from helpers import REPO_DIR, free_port, list_actors, ray_head
 
 REPO = REPO_DIR
 CLUSTER_YAML = REPO / "cluster.yaml"
@@ -206,12 +206,10 @@ def test_joining_a_cluster_that_is_not_there_is_one_line_and_status_2(tmp_path, 
 
 @pytest.mark.ray
 @pytest.mark.timeout(900)
-def test_folds_share_one_gpu(head, train_csv, tmp_path, monkeypatch):
+def test_folds_share_one_gpu(head, train_csv, tmp_path):
     """resources.gpus_per_fold 0.2: a trial's three fold workers are placed together on the head's single
     GPU (a logical one here: this machine has no CUDA, so the folds compute on the CPU) and pool their
     predictions over gloo, which, unlike NCCL, takes several ranks on one device."""
-    from ray.util.state import list_actors
-
     env = {k: v for k, v in head["env"].items() if k != "RAY_ADDRESS"}
     out_dir = tmp_path / "shared_gpu"
     proc = subprocess.run(
@@ -224,9 +222,6 @@ def test_folds_share_one_gpu(head, train_csv, tmp_path, monkeypatch):
     assert "0.2 GPU + 0.5 CPU per fold" in proc.stdout
     (trial,) = json.loads((out_dir / "report.json").read_text())["trials"]
     assert trial["status"] == "finished"
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(head["token_path"]))
-    workers = list_actors(address=head["dashboard"], filters=[("class_name", "=", "RayTrainWorker")], detail=True,
-                          limit=1000)
-    shared = [w for w in workers if (w.required_resources or {}).get("GPU") == pytest.approx(0.2)]
-    assert len(shared) == 3, [w.required_resources for w in workers]
+    workers = list_actors(head["dashboard"], "RayTrainWorker", head["env"])
+    shared = [w for w in workers if (w["required_resources"] or {}).get("GPU") == pytest.approx(0.2)]
+    assert len(shared) == 3, [w["required_resources"] for w in workers]

@@ -12,12 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import ray
 import yaml
 
 from raycv.cluster import DRIVER_RESOURCE
 
-from helpers import ray_head
+from helpers import free_port, ray_head
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
 
@@ -27,18 +26,28 @@ NODE_SLOTS, MAX_NODES, FOLDS = 3, 2, 3  # one trial (3 folds x 1 slot) fills a n
 @pytest.fixture(scope="module")
 def autoscaling_head(tmp_path_factory):
     home = tmp_path_factory.mktemp("autoscaling")
-    example = Path(ray.__file__).parent / "autoscaler/_private/fake_multi_node/example.yaml"
-    config = yaml.safe_load(example.read_text())
-    config["max_workers"] = MAX_NODES
-    config["available_node_types"] = {
-        "ray.head.default": {"resources": {"CPU": 2, DRIVER_RESOURCE: 100}, "node_config": {}, "max_workers": 0},
-        "fold_node": {"resources": {"CPU": 2, "fold_slot": NODE_SLOTS}, "node_config": {},
-                      "min_workers": 0, "max_workers": MAX_NODES},
+    gcs_port = free_port()
+    # Ray's fake multi-node provider (its example config, which the wheel does not ship): worker nodes are
+    # raylets the autoscaler starts on this machine when trials ask for their resources.
+    config = {
+        "cluster_name": "raycv_fake", "max_workers": MAX_NODES, "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 0.1, "head_node_type": "ray.head.default",
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True, "gcs_address": f"127.0.0.1:{gcs_port}"},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 2, DRIVER_RESOURCE: 100}, "node_config": {}, "max_workers": 0},
+            "fold_node": {"resources": {"CPU": 2, "fold_slot": NODE_SLOTS, "object_store_memory": 300_000_000},
+                          "node_config": {}, "min_workers": 0, "max_workers": MAX_NODES},
+        },
+        "auth": {}, "docker": {}, "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+        "rsync_exclude": [], "rsync_filter": [],
     }
     config_path = home / "autoscaling.yaml"
     config_path.write_text(yaml.safe_dump(config))
     extra = [f"--autoscaling-config={config_path}", "--num-cpus=2", f"--resources={json.dumps({DRIVER_RESOURCE: 100})}"]
-    with ray_head(home, extra, {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}) as info:
+    with ray_head(home, extra, {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}, gcs_port) as info:
         yield info
 
 

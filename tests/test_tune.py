@@ -16,7 +16,7 @@ import time
 import pandas as pd
 import pytest
 
-from helpers import kill_group, pooled_rmse, raycv_env, run_raycv
+from helpers import kill_group, list_actors, pooled_rmse, raycv_env, run_raycv
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1500)]
 
@@ -151,23 +151,18 @@ def test_second_run_into_the_same_directory_is_refused(smoke_run, train_csv):
     assert proc.stderr.strip().count("\n") == 0 and "already holds a run" in proc.stderr
 
 
-def fold_worker_pids(dashboard_url: str, group: int) -> list[int]:
-    """Fold workers of the Ray cluster that the raycv process `group` (a session leader) started, through
-    that cluster's state API (never a process picked by name across the machine)."""
-    from ray.util.state import list_actors
-
-    actors = list_actors(
-        address=dashboard_url, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
-    )
-    pids = [actor.pid for actor in actors if actor.pid]
-    return [pid for pid in pids if os.getsid(pid) == group]  # ours: in the session this test started
+def fold_worker_pids(dashboard_url: str, session: int) -> list[int]:
+    """Live fold workers of the Ray cluster that the raycv process `session` (a session leader) started,
+    through that cluster's state API (never a process picked by name across the machine)."""
+    actors = list_actors(dashboard_url, "RayTrainWorker")
+    pids = [actor["pid"] for actor in actors if actor["state"] == "ALIVE" and actor["pid"]]
+    return [pid for pid in pids if os.getsid(pid) == session]  # ours: in the session this test started
 
 
 @pytest.mark.timeout(900)
-def test_a_killed_fold_worker_resumes_from_its_checkpoint(tmp_path, train_csv, monkeypatch):
+def test_a_killed_fold_worker_resumes_from_its_checkpoint(tmp_path, train_csv):
     """Kill one fold's process mid-trial: Ray Train restarts the worker group (run.max_failures 1) from
     the latest fold checkpoints, and the trial finishes without starting over."""
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the state API of a local Ray 2.60 needs its token
     log_path = tmp_path / "tune.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(

@@ -1,0 +1,121 @@
+"""Kept fold models -> averaged predictions for new texts, in Kaggle's submission format.
+
+    raycv predict runs/base --data test.csv --out submission.csv [--trials best|top-k]
+
+As each trial ends among the best `run.keep_fold_models` finished ones, `export_fold_models` writes what
+prediction needs into the run directory, in a form that loads without pickles:
+
+    models/<trial>/fold_K.safetensors   the fine-tuned regressor of fold K at its last point (no optimiser)
+    models/<trial>/backbone.json        the backbone's transformers config (the architecture)
+    models/<trial>/config.yaml          the trial's resolved config (pooling, max_length, column names)
+    models/<trial>/tokenizer/           the fast tokenizer it was trained with
+
+`predict_texts` needs neither Ray nor a GPU (it uses one when present): every fold model of the chosen
+trials scores every row in length-sorted batches, and the row's prediction is their average.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from raycv import RaycvError, storage
+from raycv.config import Config, DataConfig, PretrainedBackbone, StructBertBackbone, TinyBackbone, dump_yaml
+from raycv.data import read_texts, tokenize
+from raycv.model import (
+    autocast_dtype,
+    load_tokenizer,
+    name_or_dir,
+    read_structbert_config,
+    regressor_from_weights,
+    tiny_config,
+)
+from raycv.train_fold import default_device, predict
+
+MODELS_DIR = "models"
+
+
+def models_dir(run_dir: Path, trial_id: str) -> Path:
+    return Path(run_dir) / MODELS_DIR / trial_id
+
+
+def export_fold_models(storage_path: str, run_dir: Path, trial_id: str, config: Config) -> Path:
+    """The trial's fold models at its last checkpoint (its last evaluation point) -> safetensors, with the
+    backbone's config, the trial's config and its tokenizer, under models/<trial>/ (written whole or not at
+    all)."""
+    run = storage.train_run_name(trial_id)
+    points = [name for name in storage.list_dirs(storage_path, run) if name.startswith(storage.CHECKPOINT_PREFIX)]
+    if not points:
+        raise RaycvError(f"trial {trial_id} has no fold checkpoint in {storage_path}/{run} to export")
+    target = models_dir(run_dir, trial_id)
+    staging = target.with_name(f".{trial_id}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    fs, base = storage.filesystem(storage_path)
+    for fold in range(config.data.num_folds):
+        with fs.open_input_stream(f"{base.rstrip('/')}/{run}/{max(points)}/{storage.FOLD_STATE.format(fold)}") as f:
+            state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+        save_file({name: t.contiguous() for name, t in state["model"].items()}, staging / f"fold_{fold}.safetensors")
+    (staging / "backbone.json").write_text(backbone_config(config).to_json_string())
+    (staging / "config.yaml").write_text(dump_yaml(config))
+    load_tokenizer(config.model).save_pretrained(staging / "tokenizer")
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return target
+
+
+def backbone_config(config: Config):
+    """The backbone's transformers config, read without its weights."""
+    backbone = config.model.backbone
+    if isinstance(backbone, TinyBackbone):
+        return tiny_config(config.model)
+    if isinstance(backbone, StructBertBackbone):
+        return read_structbert_config(backbone.config)
+    from transformers import AutoConfig
+
+    assert isinstance(backbone, PretrainedBackbone)
+    source, local_only = name_or_dir(backbone.path)
+    return AutoConfig.from_pretrained(source, local_files_only=local_only)
+
+
+def drop_fold_models(run_dir: Path, keep: set[str]) -> None:
+    """Remove exported models of trials that are no longer among the kept ones."""
+    root = Path(run_dir) / MODELS_DIR
+    for directory in root.glob("*") if root.is_dir() else []:
+        if directory.is_dir() and directory.name not in keep:
+            shutil.rmtree(directory)
+
+
+def predict_texts(run_dir: Path, trial_ids: list[str], data_path: str, batch_size: int = 32) -> pd.DataFrame:
+    """`id, target` for every row of the CSV at `data_path`: the average of every fold model of the trials."""
+    run_dir = Path(run_dir)
+    missing = [t for t in trial_ids if not list(models_dir(run_dir, t).glob("fold_*.safetensors"))]
+    if missing:
+        raise RaycvError(f"{run_dir} kept no fold models of trial(s) {', '.join(missing)}; the search keeps those "
+                         f"of the best run.keep_fold_models finished trials (set it to {len(trial_ids)} or more "
+                         "before the search, e.g. run.keep_fold_models=3)")
+    device = default_device()
+    rows, preds = None, []
+    for trial_id in trial_ids:
+        directory = models_dir(run_dir, trial_id)
+        config = Config.model_validate(yaml.safe_load((directory / "config.yaml").read_text()))
+        if rows is None:
+            data = DataConfig(**{**config.data.model_dump(), "path": str(data_path)})
+            rows = read_texts(data)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer", use_fast=True, local_files_only=True)
+        tokens = tokenize(rows["text"].tolist(), tokenizer, config.model.max_length)
+        backbone = yaml.safe_load((directory / "backbone.json").read_text())
+        dtype = autocast_dtype(config.train.precision, device)
+        for weights in sorted(directory.glob("fold_*.safetensors")):
+            model = regressor_from_weights(backbone, config.model.pooling, load_file(weights)).to(device)
+            preds.append(predict(model, tokens, tokenizer.pad_token_id, batch_size, device, dtype))
+    return pd.DataFrame({"id": rows["id"], "target": np.mean(preds, axis=0)})
