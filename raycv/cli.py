@@ -6,6 +6,7 @@
     raycv convert-structbert en_model large_bert_config.json vocab.txt structbert-large/
     raycv tune search_spaces/base.yaml [--address auto]
     raycv report runs/base
+    raycv predict runs/base --data test.csv --out submission.csv [--trials best|top-k]
 
 Any search space takes `key=value` overrides after it (`data.path=/data/train.csv train.lr=3e-5`).
 Bad input of any kind: one line on stderr per problem, exit status 2.
@@ -64,6 +65,13 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("report", help="rebuild a run's CV report from what it stored (no Ray needed)")
     p.add_argument("run_dir", help="the run's output directory, e.g. runs/base")
+
+    p = sub.add_parser("predict", help="score new texts with a run's kept fold models (Kaggle submission format)")
+    p.add_argument("run_dir", help="the run's output directory, e.g. runs/base")
+    p.add_argument("--data", required=True, help="CSV with the id and text columns the run was trained with")
+    p.add_argument("--out", default="submission.csv", help="CSV to write as id,target (default submission.csv)")
+    p.add_argument("--trials", choices=["best", "top-k"], default="best",
+                   help="the best trial's fold models, or those of the report's top-k ensemble (default best)")
     return parser
 
 

@@ -143,13 +143,11 @@ def last_cv_rmse(run_dir: Path, trial_id: str) -> float | None:
     return float(curve["cv_rmse_last"].iloc[-1]) if len(curve) else None
 
 
-def fold_checkpoints_to_drop(state: RunState, run_dir: Path, keep: int) -> list[str]:
-    """Trials whose fold checkpoints nobody will predict with: every ended trial except the best `keep`
-    finished ones (ranked on the last-point CV RMSE, as the report ranks them). Running and interrupted
-    trials keep theirs, so they can resume."""
+def kept_trials(state: RunState, run_dir: Path, keep: int) -> set[str]:
+    """The best `keep` finished trials, ranked on the last-point CV RMSE as the report ranks them: those
+    whose fold models the run keeps for prediction."""
     finished = [(last_cv_rmse(run_dir, r.trial_id), r.trial_id) for r in state.trials if r.status == "finished"]
-    kept = {trial_id for _, trial_id in sorted(pair for pair in finished if pair[0] is not None)[:keep]}
-    return [r.trial_id for r in state.trials if r.status in ENDED and r.trial_id not in kept]
+    return {trial_id for _, trial_id in sorted(pair for pair in finished if pair[0] is not None)[:keep]}
 
 
 def refresh_unfinished(run_dir: Path) -> RunState | None:

@@ -135,3 +135,20 @@ def report(args) -> int:
         print(f"partial report: the run is {paths['report']['state']}")
     print(f"report: {paths['report_md']}")
     return 0
+
+
+def predict(args) -> int:
+    from raycv.predict import predict_texts
+    from raycv.report import build_report, load_run
+
+    run_dir = Path(args.run_dir)
+    report = build_report(load_run(run_dir))
+    trials = [report["best_trial"]] if args.trials == "best" else report["top_k_ensemble"]["trials"]
+    if not [t for t in trials if t]:
+        raise RaycvError(f"{run_dir} has no finished trial to predict with (see raycv report {run_dir})")
+    submission = predict_texts(run_dir, trials, args.data)
+    out = Path(args.out)
+    write_atomic(out, lambda tmp: submission.to_csv(tmp, index=False))
+    print(f"wrote {out}: {len(submission)} rows (id,target), the average of the fold models of "
+          f"{', '.join(trials)}")
+    return 0

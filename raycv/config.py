@@ -78,6 +78,7 @@ class ModelConfig(Section):
 class TrainConfig(Section):
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(8, ge=1)
+    micro_batch_size: int | None = Field(None, ge=1)  # rows per forward/backward pass; None: batch_size
     eval_batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-5, gt=0, lt=1)  # of the head and the top encoder layer
     layer_decay: float = Field(1.0, gt=0, le=1)  # each layer below the top gets lr times this once more

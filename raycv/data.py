@@ -24,11 +24,20 @@ REQUIRED = ("id_column", "text_column", "target_column")
 
 def read_rows(data: DataConfig) -> pd.DataFrame:
     """The CSV as columns `id`, `text`, `target`; refuses bad rows, naming their ids."""
+    return _read_csv(data, with_target=True)
+
+
+def read_texts(data: DataConfig) -> pd.DataFrame:
+    """New texts to score (Kaggle's test.csv): columns `id`, `text`; refuses bad rows, naming their ids."""
+    return _read_csv(data, with_target=False)
+
+
+def _read_csv(data: DataConfig, with_target: bool) -> pd.DataFrame:
     try:
         raw = pd.read_csv(data.path, dtype={data.id_column: str}, keep_default_na=True)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise RaycvError(f"{data.path}: cannot read as CSV ({str(exc).splitlines()[0]})") from None
-    wanted = {getattr(data, key): key for key in REQUIRED}
+    wanted = {getattr(data, key): key for key in (REQUIRED if with_target else REQUIRED[:2])}
     missing = [f"{name} (data.{key})" for name, key in wanted.items() if name not in raw.columns]
     if missing:
         raise RaycvError(
@@ -38,9 +47,10 @@ def read_rows(data: DataConfig) -> pd.DataFrame:
         {
             "id": raw[data.id_column].astype("string"),
             "text": raw[data.text_column],
-            "target": pd.to_numeric(raw[data.target_column], errors="coerce"),
         }
     )
+    if with_target:
+        rows["target"] = pd.to_numeric(raw[data.target_column], errors="coerce")
     row_names = rows["id"].fillna("").where(
         rows["id"].notna() & (rows["id"] != ""), "line " + (raw.index + 2).astype(str)
     )
@@ -55,12 +65,13 @@ def read_rows(data: DataConfig) -> pd.DataFrame:
     refuse(rows["id"].duplicated(keep=False), f"a duplicate {data.id_column}")
     is_text = rows["text"].map(lambda value: isinstance(value, str) and value.strip() != "")
     refuse(~is_text, f"an empty or non-text {data.text_column}")
-    refuse(
-        ~np.isfinite(rows["target"].to_numpy(dtype=float, na_value=np.nan)),
-        f"a missing or non-finite {data.target_column}",
-    )
     rows["id"] = rows["id"].astype(str)
-    rows["target"] = rows["target"].astype(float)
+    if with_target:
+        refuse(
+            ~np.isfinite(rows["target"].to_numpy(dtype=float, na_value=np.nan)),
+            f"a missing or non-finite {data.target_column}",
+        )
+        rows["target"] = rows["target"].astype(float)
     return rows
 
 

@@ -36,7 +36,7 @@ from raycv.collect import (
     RunState,
     collect_trial,
     describe_failure,
-    fold_checkpoints_to_drop,
+    kept_trials,
     load_run_state,
     new_run_state,
     save_run_state,
@@ -44,6 +44,7 @@ from raycv.collect import (
 )
 from raycv.config import Config, dump_yaml
 from raycv.data import EncodedFolds
+from raycv.predict import drop_fold_models, export_fold_models, models_dir
 from raycv.preflight import Plan
 from raycv.report import write_report
 from raycv.scoring import compute_baselines
@@ -125,8 +126,9 @@ class TrialTracker(tune.Callback):
     the fold checkpoints no one will predict with, and refreshes the report. (Tune keeps it with the
     experiment, so a restored run tracks on.)"""
 
-    def __init__(self, run_dir: str, storage_path: str, max_t: int, keep: int):
-        self.run_dir, self.storage_path, self.max_t, self.keep = Path(run_dir), storage_path, max_t, keep
+    def __init__(self, config: Config, max_t: int):
+        self.config, self.max_t = config.to_dict(), max_t
+        self.run_dir, self.storage_path = Path(config.run.output_dir), config.run.storage_path
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._update(trial, "running")
@@ -155,16 +157,29 @@ class TrialTracker(tune.Callback):
             write_trial_status(self.storage_path, record.trial_id, record.status, record.reason)
         save_run_state(self.run_dir, state)
         if ended:
-            drop_fold_checkpoints(state, self.run_dir, self.storage_path, self.keep)
+            keep_fold_models(state, Config.model_validate(self.config))
             try:
                 write_report(self.run_dir)
             except Exception:  # a report that cannot be drawn yet must not stop the search
                 log.warning("could not refresh the report after trial %s", trial.trial_id, exc_info=True)
 
 
-def drop_fold_checkpoints(state: RunState, run_dir: str | Path, storage_path: str, keep: int) -> None:
-    for trial_id in fold_checkpoints_to_drop(state, Path(run_dir), keep):
-        storage.delete_fold_checkpoints(storage_path, trial_id)
+def keep_fold_models(state: RunState, config: Config) -> None:
+    """Export the fold models of the best run.keep_fold_models finished trials (safetensors, for `raycv
+    predict`), drop the exports of trials pushed out of that set, and delete the fold checkpoints (model and
+    optimiser) of every trial that has ended: only unfinished trials need them, to resume."""
+    run_dir, storage_path = Path(config.run.output_dir), config.run.storage_path
+    kept = kept_trials(state, run_dir, config.run.keep_fold_models)
+    for record in state.trials:
+        if record.trial_id in kept and not models_dir(run_dir, record.trial_id).is_dir():
+            try:
+                export_fold_models(storage_path, run_dir, record.trial_id, config.with_overrides(record.params))
+            except (OSError, RaycvError):
+                log.warning("could not export the fold models of trial %s", record.trial_id, exc_info=True)
+    drop_fold_models(run_dir, kept)
+    for record in state.trials:  # a kept trial whose export failed keeps its checkpoints for another try
+        if record.status in ENDED and (record.trial_id not in kept or models_dir(run_dir, record.trial_id).is_dir()):
+            storage.delete_fold_checkpoints(storage_path, record.trial_id)
 
 
 # ---------------------------------------------------------------- the search
@@ -289,7 +304,7 @@ def fit(config: Config, plan: Plan, concurrent: int | None, resume: bool) -> Non
         )
     else:
         scheduler = FIFOScheduler()
-    tracker = TrialTracker(config.run.output_dir, config.run.storage_path, plan.max_t, config.run.keep_fold_models)
+    tracker = TrialTracker(config, plan.max_t)
     tuner = tune.Tuner(
         trainable,
         param_space=to_param_space(config),
@@ -319,7 +334,7 @@ def finish(config: Config, max_t: int, received: dict, resume_command: str) -> i
             record.status = "interrupted"
     state.state = "interrupted" if cut_short else "finished"
     save_run_state(output_dir, state)
-    drop_fold_checkpoints(state, output_dir, config.run.storage_path, config.run.keep_fold_models)
+    keep_fold_models(state, config)
     paths = write_report(output_dir)
     report = paths["report"]
     counts = {status: sum(t["status"] == status for t in report["trials"]) for status in STATUSES}

@@ -222,6 +222,11 @@ def test_folds_share_one_gpu(head, train_csv, tmp_path):
     assert "0.2 GPU + 0.5 CPU per fold" in proc.stdout
     (trial,) = json.loads((out_dir / "report.json").read_text())["trials"]
     assert trial["status"] == "finished"
+    # Each fold worker holds 0.2 of a GPU in the trial's placement group (resources named GPU_group_<pg>),
+    # all three in one group on the head's single GPU.
     workers = list_actors(head["dashboard"], "RayTrainWorker", head["env"])
-    shared = [w for w in workers if (w["required_resources"] or {}).get("GPU") == pytest.approx(0.2)]
-    assert len(shared) == 3, [w["required_resources"] for w in workers]
+    shares = [{k: v for k, v in (w["required_resources"] or {}).items() if re.fullmatch(r"GPU_group_[0-9a-f]+", k)}
+              for w in workers]
+    shares = [share for share in shares if share]
+    assert len(shares) == 3 and all(list(share.values()) == [pytest.approx(0.2)] for share in shares), workers
+    assert len({key for share in shares for key in share}) == 1  # one placement group: one trial

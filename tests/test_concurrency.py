@@ -52,12 +52,13 @@ def autoscaling_head(tmp_path_factory):
 
 
 def trial_spans(tune_dir: Path) -> list[tuple[float, float]]:
-    """(start, end) of every trial, from Tune's own result records."""
+    """When each trial's folds were training, from Tune's own result records: from its first evaluation
+    point's result to its last. (A trial's driver starts at once on the head; while its placement group
+    waits for a node, it reports nothing.)"""
     spans = []
     for result_json in tune_dir.glob("*/result.json"):
         records = [json.loads(line) for line in result_json.read_text().splitlines() if line.strip()]
-        first, last = records[0], records[-1]
-        spans.append((first["timestamp"] - first["time_total_s"], last["timestamp"]))
+        spans.append((records[0]["timestamp"], records[-1]["timestamp"]))
     return spans
 
 

@@ -19,7 +19,7 @@ LAYERS = [
     {"storage", "scoring", "progress", "metrics", "config"},
     {"spaces", "data", "model", "collect"},
     {"train_fold", "report"},
-    {"worker", "preflight", "cluster"},
+    {"worker", "preflight", "cluster", "predict"},
     {"sweep"},
     {"commands"},
     {"cli"},

@@ -176,6 +176,24 @@ def test_a_fold_that_diverges_stops_and_says_why(short_config, fold0):
     assert result.diverged.startswith("fold 0 diverged at point 1 (step 10): train_loss ")
 
 
+def test_micro_batches_give_the_same_gradient(encoded, fold0):
+    """train.micro_batch_size accumulates a batch's gradient in parts: the same gradient and loss as the
+    whole batch at once (dropout off, so both see the same network), with a part's activation memory."""
+    from raycv.model import build_model
+    from raycv.train_fold import backward
+
+    config = encoded[0]
+    index = np.arange(16)
+    targets = torch.tensor(fold0.train_targets)
+    grads, losses = [], []
+    for micro in (16, 5):
+        model = build_model(config.model, seed=3).eval()
+        losses.append(backward(model, fold0.train_tokens, targets, index, fold0.pad_id, micro, CPU, None))
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6) and grads[0].abs().sum() > 0
+    assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-6)
+
+
 def test_on_eval_returning_true_stops_training(short_config, fold0):
     result = train_fold(short_config, fold0, device=CPU, on_eval=lambda point, _: point.index == 2)
     assert len(result.curve) == 2 and result.diverged is None
