@@ -31,7 +31,7 @@ def autoscaling_head(tmp_path_factory):
     # raylets the autoscaler starts on this machine when trials ask for their resources.
     config = {
         "cluster_name": "raycv_fake", "max_workers": MAX_NODES, "upscaling_speed": 1.0,
-        "idle_timeout_minutes": 0.1, "head_node_type": "ray.head.default",
+        "idle_timeout_minutes": 5, "head_node_type": "ray.head.default",
         "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
                      "disable_launch_config_check": True, "gcs_address": f"127.0.0.1:{gcs_port}"},
         "available_node_types": {
@@ -77,13 +77,14 @@ def test_trials_fill_every_node_the_autoscaler_can_add(autoscaling_head, tmp_pat
     proc = subprocess.run(
         [sys.executable, "-m", "raycv.cli", "tune", "spaces/smoke.yaml", "--address", autoscaling_head["address"],
          f"data.path={train_csv}", f"run.output_dir={out_dir}", "search.params={train.lr: {grid: [0.003]}}",
-         "search.num_samples=4", "scheduler.type=none", "train.epochs=8", "resources.cpus_per_fold=0.5",
+         f"search.num_samples={MAX_NODES}", "scheduler.type=none", "train.epochs=8", "resources.cpus_per_fold=0.5",
          "resources.custom_per_fold={fold_slot: 1}", "run.max_concurrent_trials=null"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900, start_new_session=True,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "as many as the autoscaler can place" in proc.stdout
     spans = trial_spans(out_dir / "ray" / "tune")
-    assert len(spans) == 4
-    # The cluster starts with no worker node; at its largest it holds MAX_NODES trials, and it got there.
+    assert len(spans) == MAX_NODES
+    # The cluster starts with no worker node: the autoscaler added one per trial, up to its limit, and every
+    # trial trained at once (a local Ray's plan would have run them one after another).
     assert most_at_once(spans) == MAX_NODES, spans

@@ -9,9 +9,11 @@ import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -91,6 +93,33 @@ def test_tune_ranked_on_the_pooled_rmse_of_all_folds(smoke_run):
         assert last["cv_rmse_best"] == pytest.approx(pooled_rmse(oof, "pred_best"), abs=1e-9)
         assert last["fold_0_rmse_last"] == pytest.approx(pooled_rmse(oof[oof["fold"] == 0], "pred_last"), abs=1e-9)
         assert last["cv_rmse"] != pytest.approx(last["fold_0_rmse_last"], abs=1e-6)
+
+
+def tensorboard_scalars(events_path: Path) -> dict[str, list[tuple[int, float]]]:
+    """Tag -> [(step, value)] from a TensorBoard event file (TFRecord framing, tensorboardX's protobuf)."""
+    from tensorboardX.proto import event_pb2
+
+    data, pos, scalars = events_path.read_bytes(), 0, {}
+    while pos < len(data):
+        (length,) = struct.unpack("<Q", data[pos : pos + 8])
+        event = event_pb2.Event()
+        event.ParseFromString(data[pos + 12 : pos + 12 + length])
+        pos += 12 + length + 4
+        for value in event.summary.value:
+            scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_tensorboard_has_every_trial_curve_under_the_run_directory(smoke_run):
+    """`tensorboard --logdir runs/smoke/ray/tune`: Tune's logger writes each trial's reported metrics."""
+    run_dir = smoke_run["run_dir"]
+    for trial in smoke_run["report"]["trials"]:
+        (events,) = (run_dir / "ray" / "tune" / trial["trial_id"]).glob("events.out.tfevents.*")
+        scalars = tensorboard_scalars(events)
+        curve = pd.read_csv(run_dir / "curves" / f"{trial['trial_id']}.csv")
+        for tag in ("cv_rmse_last", "cv_rmse_best", "fold_0_rmse_last", "fold_2_rmse_best"):
+            values = [value for _, value in scalars[f"ray/tune/{tag}"]]
+            assert values == pytest.approx(curve[tag].tolist(), abs=1e-6), tag  # float32 in the event file
 
 
 def test_every_trial_oof_covers_every_row_once(smoke_run):
