@@ -17,6 +17,7 @@ trials scores every row in length-sorted batches, and the row's prediction is th
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -113,7 +114,7 @@ def predict_texts(run_dir: Path, trial_ids: list[str], data_path: str, batch_siz
 
         tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer", use_fast=True, local_files_only=True)
         tokens = tokenize(rows["text"].tolist(), tokenizer, config.model.max_length)
-        backbone = yaml.safe_load((directory / "backbone.json").read_text())
+        backbone = json.loads((directory / "backbone.json").read_text())
         dtype = autocast_dtype(config.train.precision, device)
         for weights in sorted(directory.glob("fold_*.safetensors")):
             model = regressor_from_weights(backbone, config.model.pooling, load_file(weights)).to(device)

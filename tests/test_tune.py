@@ -253,24 +253,30 @@ def fold_worker_pids(dashboard_url: str, session: int) -> list[int]:
 
 @pytest.mark.timeout(900)
 def test_a_killed_fold_worker_resumes_from_its_checkpoint(tmp_path, train_csv):
-    """Kill one fold's process mid-trial: Ray Train restarts the worker group (run.max_failures 1) from
-    the latest fold checkpoints, and the trial finishes without starting over."""
+    """Kill one fold's process mid-trial, just after an evaluation point that has no checkpoint (they come
+    every second point here): Ray Train restarts the worker group (run.max_failures 1) from the latest fold
+    checkpoints, redoes that point, and the trial finishes without starting over."""
     log_path = tmp_path / "tune.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "raycv.cli", "tune", "spaces/smoke.yaml", f"data.path={train_csv}",
-             "search.params={train.lr: {grid: [0.003]}}", "search.num_samples=1", "train.epochs=8"],
+             "search.params={train.lr: {grid: [0.003]}}", "search.num_samples=1", "train.epochs=8",
+             "run.checkpoint_every=2"],
             cwd=tmp_path, env=raycv_env(), text=True, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:
         run_dir = tmp_path / "runs" / "smoke"
         deadline = time.monotonic() + 400
-        while not list((run_dir / "ray").glob("train_*/point_0003")) and time.monotonic() < deadline:
+        while not list((run_dir / "ray").glob("train_*/point_0002")) and time.monotonic() < deadline:
             assert proc.poll() is None, log_path.read_text()[-3000:]
             time.sleep(0.5)
         dashboard_url = re.search(r"dashboard: (http://\S+)", log_path.read_text()).group(1)
-        pids = fold_worker_pids(dashboard_url, proc.pid)
+        pids = fold_worker_pids(dashboard_url, proc.pid)  # asked early: the kill must come fast
         assert pids, "no fold worker to kill"
+        while "| point 5/8 |" not in log_path.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            time.sleep(0.1)
+        assert not list((run_dir / "ray").glob("train_*/point_0006")), "too late: point 6 is checkpointed"
         os.kill(pids[0], signal.SIGKILL)
         proc.wait(timeout=480)
     except BaseException:
