@@ -90,10 +90,14 @@ def now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
+def this_driver() -> dict:
+    """Who runs the search: this process, on this host."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
 def new_run_state(**settings) -> RunState:
     stamp = now()
-    driver = {"host": socket.gethostname(), "pid": os.getpid()}
-    return RunState(**settings, driver=driver, started_at=stamp, updated_at=stamp)
+    return RunState(**settings, driver=this_driver(), started_at=stamp, updated_at=stamp)
 
 
 def load_run_state(run_dir: Path) -> RunState | None:
@@ -159,16 +163,29 @@ def refresh_unfinished(run_dir: Path) -> RunState | None:
         return state
     config_path = Path(run_dir) / "resolved_config.yaml"
     storage_path = yaml.safe_load(config_path.read_text())["run"]["storage_path"] if config_path.is_file() else None
-    for record in state.trials:
-        if record.status not in ENDED and storage_path and _reachable(storage_path):
-            collect_trial(storage_path, Path(run_dir), record)
+    reachable = bool(storage_path) and _reachable(storage_path)
     if state.driver_is_gone():
-        state.state = "interrupted"
+        mark_interrupted(state, storage_path if reachable else None, Path(run_dir))
+        save_run_state(run_dir, state)
+    elif reachable:
         for record in state.trials:
             if record.status not in ENDED:
-                record.status = "interrupted"
-        save_run_state(run_dir, state)
+                collect_trial(storage_path, Path(run_dir), record)
     return state
+
+
+def mark_interrupted(state: RunState, storage_path: str | None, run_dir: Path) -> list[TrialRecord]:
+    """The run stopped before its end: collect what the storage holds of each trial that had not ended
+    (unless `storage_path` is None), mark those trials and the run interrupted; returns them. A trial that
+    did end meanwhile (its status is in the storage) keeps that status."""
+    cut_short = [record for record in state.trials if record.status not in ENDED]
+    for record in cut_short:
+        if storage_path:
+            collect_trial(storage_path, run_dir, record)
+        if record.status not in ENDED:
+            record.status = "interrupted"
+    state.state = "interrupted" if cut_short else "finished"
+    return cut_short
 
 
 def _reachable(storage_path: str) -> bool:

@@ -200,6 +200,24 @@ def tiny_config(model: ModelConfig):
     )
 
 
+def backbone_config(model: ModelConfig):
+    """The backbone's transformers config (its shape: positions, vocabulary, layers), read without its
+    weights: what preflight checks and what `raycv predict` rebuilds the architecture from."""
+    backbone = model.backbone
+    if isinstance(backbone, TinyBackbone):
+        return tiny_config(model)
+    if isinstance(backbone, StructBertBackbone):
+        return read_structbert_config(backbone.config, model.attention)
+    from transformers import AutoConfig
+
+    source, local_only = name_or_dir(backbone.path)
+    try:
+        return AutoConfig.from_pretrained(source, local_files_only=local_only)
+    except (OSError, ValueError) as exc:
+        raise RaycvError(f"model.backbone.path: cannot read the model's config.json in {backbone.path} "
+                         f"({str(exc).splitlines()[0]})") from None
+
+
 def regressor_from_weights(backbone_config: dict, pooling: str, state: dict[str, torch.Tensor]) -> Regressor:
     """A fine-tuned regressor rebuilt from its backbone's config and its saved weights (no backbone files,
     no pickles): what `raycv predict` runs."""

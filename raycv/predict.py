@@ -28,16 +28,9 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from raycv import RaycvError, storage
-from raycv.config import Config, DataConfig, PretrainedBackbone, StructBertBackbone, TinyBackbone, dump_yaml
+from raycv.config import Config, DataConfig, dump_yaml
 from raycv.data import read_texts, tokenize
-from raycv.model import (
-    autocast_dtype,
-    load_tokenizer,
-    name_or_dir,
-    read_structbert_config,
-    regressor_from_weights,
-    tiny_config,
-)
+from raycv.model import autocast_dtype, backbone_config, load_tokenizer, regressor_from_weights
 from raycv.train_fold import default_device, predict
 
 MODELS_DIR = "models"
@@ -64,26 +57,12 @@ def export_fold_models(storage_path: str, run_dir: Path, trial_id: str, config: 
         with fs.open_input_stream(f"{base.rstrip('/')}/{run}/{max(points)}/{storage.FOLD_STATE.format(fold)}") as f:
             state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
         save_file({name: t.contiguous() for name, t in state["model"].items()}, staging / f"fold_{fold}.safetensors")
-    (staging / "backbone.json").write_text(backbone_config(config).to_json_string())
+    (staging / "backbone.json").write_text(backbone_config(config.model).to_json_string())
     (staging / "config.yaml").write_text(dump_yaml(config))
     load_tokenizer(config.model).save_pretrained(staging / "tokenizer")
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     return target
-
-
-def backbone_config(config: Config):
-    """The backbone's transformers config, read without its weights."""
-    backbone = config.model.backbone
-    if isinstance(backbone, TinyBackbone):
-        return tiny_config(config.model)
-    if isinstance(backbone, StructBertBackbone):
-        return read_structbert_config(backbone.config)
-    from transformers import AutoConfig
-
-    assert isinstance(backbone, PretrainedBackbone)
-    source, local_only = name_or_dir(backbone.path)
-    return AutoConfig.from_pretrained(source, local_files_only=local_only)
 
 
 def drop_fold_models(run_dir: Path, keep: set[str]) -> None:

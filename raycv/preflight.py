@@ -19,13 +19,11 @@ from pathlib import Path
 import torch
 
 from raycv import RaycvError
-from raycv.config import Config, PretrainedBackbone, StructBertBackbone, TinyBackbone
+from raycv.config import Config, StructBertBackbone
 from raycv.data import EncodedFolds, encode_folds
-from raycv.model import load_tokenizer, name_or_dir, read_structbert_config, read_structbert_state_dict
+from raycv.model import backbone_config, load_tokenizer, read_structbert_config, read_structbert_state_dict
 from raycv.spaces import ConfigError
 from raycv.train_fold import steps_per_epoch, trial_eval_points
-
-TINY_POSITIONS = 512  # a tiny BERT's max_position_embeddings (model.build_backbone)
 
 
 @dataclass
@@ -88,7 +86,8 @@ def preflight(config: Config, source: str) -> Plan:
 
 def check_model(config: Config, tokenizer) -> list[str]:
     """Shapes the backbone cannot take: positions, vocabulary, layers; a StructBERT checkpoint's tensors."""
-    shape = backbone_shape(config, tokenizer)
+    bert = backbone_config(config.model)
+    shape = {key: int(getattr(bert, key)) for key in ("max_position_embeddings", "vocab_size", "num_hidden_layers")}
     problems = []
     if config.model.max_length > shape["max_position_embeddings"]:
         problems.append(f"model.max_length: {config.model.max_length} is more than the backbone's "
@@ -102,28 +101,6 @@ def check_model(config: Config, tokenizer) -> list[str]:
     if isinstance(config.model.backbone, StructBertBackbone):
         problems += structbert_checkpoint_problems(config.model.backbone)
     return problems
-
-
-def backbone_shape(config: Config, tokenizer) -> dict[str, int]:
-    """max_position_embeddings, vocab_size and num_hidden_layers of the backbone, read from its config only
-    (a tiny BERT is built for its tokenizer)."""
-    backbone = config.model.backbone
-    if isinstance(backbone, TinyBackbone):
-        return {"max_position_embeddings": TINY_POSITIONS, "vocab_size": len(tokenizer),
-                "num_hidden_layers": backbone.num_layers}
-    if isinstance(backbone, StructBertBackbone):
-        bert = read_structbert_config(backbone.config)
-    else:
-        from transformers import AutoConfig
-
-        assert isinstance(backbone, PretrainedBackbone)
-        source, local_only = name_or_dir(backbone.path)
-        try:
-            bert = AutoConfig.from_pretrained(source, local_files_only=local_only)
-        except (OSError, ValueError) as exc:
-            raise RaycvError(f"model.backbone.path: cannot read the model's config.json in {backbone.path} "
-                             f"({str(exc).splitlines()[0]})") from None
-    return {key: int(getattr(bert, key)) for key in ("max_position_embeddings", "vocab_size", "num_hidden_layers")}
 
 
 def structbert_checkpoint_problems(backbone: StructBertBackbone) -> list[str]:

@@ -38,9 +38,11 @@ from raycv.collect import (
     describe_failure,
     kept_trials,
     load_run_state,
+    mark_interrupted,
     new_run_state,
     save_run_state,
     settle,
+    this_driver,
 )
 from raycv.config import Config, dump_yaml
 from raycv.data import EncodedFolds
@@ -63,11 +65,12 @@ def train_driver_fn(params: dict, base_config: dict, encoded: EncodedFolds, num_
     for a lost driver, not for re-running the same exception."""
     config = Config.model_validate(base_config).with_overrides(params)
     trial_id = tune.get_context().get_trial_id()
-    ended = storage.read_text(config.run.storage_path, storage.trial_files(trial_id)["status"])
-    if ended and json.loads(ended)["status"] in ENDED:
+    written = storage.read_text(config.run.storage_path, storage.trial_files(trial_id)["status"])
+    ended = json.loads(written)["status"] if written else None
+    if ended in ENDED:
         # Tune's experiment state (saved every 10 s or so) can lag behind a trial that ended just before the
         # driver died; on --resume such a trial is not run again.
-        print(f"trial {trial_id} | already {json.loads(ended)['status']}; not run again", flush=True)
+        print(f"trial {trial_id} | already {ended}; not run again", flush=True)
         return
     # The Train run's state (its name and workers by rank = fold) for the dashboard's state API.
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
@@ -202,8 +205,7 @@ def run_sweep(config: Config, plan: Plan, address: str | None = None, resume: bo
                                   command=command)
         else:
             state = previous
-            fresh = new_run_state(name=state.name, num_points=0, max_t=0, scheduler="", searched=[])
-            state.state, state.driver = "running", fresh.driver
+            state.state, state.driver = "running", this_driver()
         save_run_state(output_dir, state)
         table = plan.encoded.table
         print(f"raycv tune {config.run.name}{' (resumed)' if previous else ''}: {len(table)} rows, "
@@ -327,12 +329,8 @@ def finish(config: Config, max_t: int, received: dict, resume_command: str) -> i
     """Settle what Tune left unfinished, write the report, print the summary; the exit status."""
     output_dir = Path(config.run.output_dir)
     state = load_run_state(output_dir)
-    cut_short = [record for record in state.trials if record.status not in ENDED]
-    for record in cut_short:  # Tune stopped these on Ctrl-C / SIGTERM; their checkpoints stay for --resume
-        collect_trial(config.run.storage_path, output_dir, record)
-        if record.status not in ENDED:
-            record.status = "interrupted"
-    state.state = "interrupted" if cut_short else "finished"
+    # Trials Tune stopped on Ctrl-C / SIGTERM; their checkpoints stay for --resume.
+    cut_short = mark_interrupted(state, config.run.storage_path, output_dir)
     save_run_state(output_dir, state)
     keep_fold_models(state, config)
     paths = write_report(output_dir)

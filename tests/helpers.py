@@ -140,26 +140,11 @@ def run_raycv(args: list[str], cwd: Path, timeout: float) -> subprocess.Complete
 
 
 def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL everything `proc` started: the session it leads (it was started with start_new_session=True).
-    Ray gives each of its workers a process group of its own, but they stay in that session."""
+    """SIGKILL the process group `proc` leads (it was started with start_new_session=True): a raycv driver
+    with the local Ray it started (GCS, raylet), or a `ray start --block` head. Ray gives each worker a
+    process group of its own, but a worker exits when its raylet dies, so ending the group ends them."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    for pid in session_pids(proc.pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
-def session_pids(leader: int) -> list[int]:
-    """Processes of the session `leader` leads (a session this test started), from /proc."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[3]) == leader and int(stat.parent.name) != leader:  # fields: state ppid pgrp session
-            pids.append(int(stat.parent.name))
-    return pids
 
 
 def free_port() -> int:
