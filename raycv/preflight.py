@@ -49,18 +49,22 @@ def preflight(config: Config, source: str) -> Plan:
     """Check `config` for everything the workers would trip on; raise ConfigError with every problem."""
     problems = check_output_paths(config)
     drawn = drawable_configs(config)
-    tokenizers = {}
+    tokenizers = {}  # one per distinct backbone the search can draw
+
+    def backbone_key(trial: Config) -> str:
+        return json.dumps(trial.model.backbone.model_dump(), sort_keys=True)
+
     for where, trial in drawn:
-        key = json.dumps(trial.model.backbone.model_dump(), sort_keys=True)
         try:
-            if key not in tokenizers:
-                tokenizers[key] = load_tokenizer(trial.model)
-            problems += [where + p for p in check_model(trial, tokenizers[key])]
+            if backbone_key(trial) not in tokenizers:
+                tokenizers[backbone_key(trial)] = load_tokenizer(trial.model)
+            problems += [where + p for p in check_model(trial, tokenizers[backbone_key(trial)])]
         except RaycvError as exc:
             problems.append(f"{where}{exc}")
+    if backbone_key(config) not in tokenizers:  # the file's own tokenizer failed: said above, once
+        raise ConfigError(source, list(dict.fromkeys(problems)))
     try:
-        encoded = encode_folds(config, tokenizers.get(json.dumps(config.model.backbone.model_dump(), sort_keys=True))
-                               or load_tokenizer(config.model))
+        encoded = encode_folds(config, tokenizers[backbone_key(config)])
     except RaycvError as exc:
         raise ConfigError(source, problems + [str(exc)]) from None
     valid_sizes = encoded.table["fold"].value_counts().sort_index().tolist()
