@@ -4,6 +4,7 @@
   fold 2 | point 3/8 | step 120/850 | epoch 0.42 | train_loss 0.4100 | val_rmse 0.5012 | best 0.4987 | ...
 - the trial line (rank 0 of a trial, once the folds are pooled):
   trial 3f2a_00001 | point 3/8 | step 120/850 | cv_rmse_last 0.5203 | cv_rmse_best 0.5102 | folds ... | 38 s
+  or, where a fold has diverged, trial 3f2a_00001 | point 3/8 | diverged: fold 2 diverged at point 3 ...
 """
 
 from __future__ import annotations
@@ -27,3 +28,8 @@ def trial_line(trial: str, point, scores: dict) -> str:
         f"cv_rmse_last {scores['cv_rmse_last']:.4f} | cv_rmse_best {scores['cv_rmse_best']:.4f} | "
         f"folds {folds} | {point.elapsed_s:.0f} s"
     )
+
+
+def diverged_line(trial: str, point, reason: str) -> str:
+    """The trial line at the point where a fold's loss or predictions stopped being finite."""
+    return f"trial {trial} | point {point.index}/{point.num_points} | diverged: {reason}"

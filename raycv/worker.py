@@ -62,9 +62,9 @@ def train_fn_per_worker(loop_config: dict) -> None:
         diverged = [part["diverged"] for part in fold_rows if part["diverged"]]
         if diverged:  # every fold stops here; nothing to score or to checkpoint
             if fold == 0:
-                write_trial_status(config.run.storage_path, trial_id, "diverged", "; ".join(diverged))
-                sys.stdout.write(f"trial {trial_id} | point {point.index}/{point.num_points} | "
-                                 f"diverged: {'; '.join(diverged)}\n")
+                reason = "; ".join(diverged)
+                write_trial_status(config.run.storage_path, trial_id, "diverged", reason)
+                sys.stdout.write(progress.diverged_line(trial_id, point, reason) + "\n")
                 sys.stdout.flush()
             report({"cv_rmse": float("nan"), "diverged": 1.0, **metrics}, point.index, None, fold)
             return True
