@@ -175,16 +175,16 @@ def refresh_unfinished(run_dir: Path) -> RunState | None:
 
 
 def mark_interrupted(state: RunState, storage_path: str | None, run_dir: Path) -> list[TrialRecord]:
-    """The run stopped before its end: collect what the storage holds of each trial that had not ended
-    (unless `storage_path` is None), mark those trials and the run interrupted; returns them. A trial that
-    did end meanwhile (its status is in the storage) keeps that status."""
+    """The run's driver stopped: collect what the storage holds of each trial that had not ended (unless
+    `storage_path` is None), mark those trials and the run interrupted; returns them. A trial that did end
+    meanwhile (its status is in the storage) keeps that status."""
     cut_short = [record for record in state.trials if record.status not in ENDED]
     for record in cut_short:
         if storage_path:
             collect_trial(storage_path, run_dir, record)
         if record.status not in ENDED:
             record.status = "interrupted"
-    state.state = "interrupted" if cut_short else "finished"
+    state.state = "interrupted"
     return cut_short
 
 

@@ -331,6 +331,7 @@ def finish(config: Config, max_t: int, received: dict, resume_command: str) -> i
     state = load_run_state(output_dir)
     # Trials Tune stopped on Ctrl-C / SIGTERM; their checkpoints stay for --resume.
     cut_short = mark_interrupted(state, config.run.storage_path, output_dir)
+    state.state = "interrupted" if cut_short else "finished"  # Tune ran every trial it was going to
     save_run_state(output_dir, state)
     keep_fold_models(state, config)
     paths = write_report(output_dir)
