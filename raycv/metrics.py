@@ -31,10 +31,13 @@ class FoldMetrics:
             "raycv_train_samples_per_second", "training samples per second of one fold", fold_keys
         )
         self.eval_points = Gauge("raycv_eval_points", "evaluation points done by one fold", fold_keys)
+        self.rss = Gauge("raycv_fold_rss_bytes", "resident memory of one fold's process", fold_keys)
         self.gpu_memory = Gauge("raycv_gpu_memory_bytes", "peak GPU memory allocated by one fold's process", fold_keys)
 
-    def record_fold(self, val_rmse: float, samples_per_s: float, eval_points: int, device: torch.device) -> None:
+    def record_fold(self, val_rmse: float, samples_per_s: float, eval_points: int, device: torch.device,
+                    rss_mb: float) -> None:
         self.fold_rmse.set(val_rmse, tags=self.tags)
+        self.rss.set(rss_mb * 2**20, tags=self.tags)
         self.samples_per_s.set(samples_per_s, tags=self.tags)
         self.eval_points.set(eval_points, tags=self.tags)
         if device.type == "cuda":

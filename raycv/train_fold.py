@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import math
 import os
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -79,6 +80,9 @@ class EvalPoint:
     elapsed_s: float
     samples_per_s: float
     diverged: str | None = None  # why this fold cannot go on (a non-finite loss or prediction), else None
+    rss_mb: float = 0.0  # this process's resident memory now, and its peak so far (MB)
+    peak_rss_mb: float = 0.0
+    callbacks_s: float = 0.0  # time spent in on_eval at the earlier points (pooling, reporting, checkpoints)
 
 
 @dataclass
@@ -162,6 +166,17 @@ def release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def memory_mb() -> tuple[float, float]:
+    """(resident, peak resident) memory of this process in MB: how a fold's memory moves over a run."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    try:
+        with open("/proc/self/statm") as statm:
+            now = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:  # not Linux: the peak is all there is
+        now = peak
+    return now, peak
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -235,7 +250,7 @@ def train_fold(
             "torch_rng": torch.get_rng_state(), "fold": data.fold, "num_points": num_points,
         }
 
-    started, seen_samples = time.perf_counter(), 0
+    started, seen_samples, callbacks_s = time.perf_counter(), 0, 0.0
     loss_sum, loss_rows = torch.zeros((), device=device), 0
     model.train()
     while step < total_steps:
@@ -275,7 +290,11 @@ def train_fold(
                 best_rmse=min(row["val_rmse"] for row in curve), preds=preds, best_preds=best_preds,
                 elapsed_s=elapsed, samples_per_s=seen_samples / max(elapsed, 1e-9), diverged=diverged,
             )
+            point.rss_mb, point.peak_rss_mb = memory_mb()
+            point.callbacks_s = callbacks_s
+            called = time.perf_counter()
             stop = on_eval(point, snapshot) if on_eval is not None else False
+            callbacks_s += time.perf_counter() - called
             loss_sum, loss_rows = torch.zeros((), device=device), 0
             model.train()
             if step >= total_steps or stop or diverged:
