@@ -136,6 +136,9 @@ class Dimension(Section):
 
 
 class SearchConfig(Section):
+    # random: Tune's random draws and grids; optuna: Optuna's TPE picks each trial's values from the results
+    # so far (pip install 'raycv[optuna]'; no grid), with the scheduler (ASHA) stopping trials as ever
+    algorithm: Literal["random", "optuna"] = "random"
     num_samples: int = Field(1, ge=1)  # trials drawn (each grid point is repeated this many times)
     # dotted key -> distribution, e.g. train.lr: {loguniform: [1e-5, 5e-5]}
     params: dict[str, Dimension] = Field(default_factory=dict)
@@ -163,6 +166,14 @@ class ResourcesConfig(Section):
         return self
 
 
+class MlflowConfig(Section):
+    """Every trial an MLflow run (params, metrics at each evaluation point); the best trial's run gets the
+    report as artifacts at the end. Needs pip install 'raycv[mlflow]'."""
+
+    tracking_uri: str | None = None  # None: off; sqlite:///mlflow.db, http://host:5000, file:DIR, ...
+    experiment: str | None = None  # None: run.name
+
+
 class RunConfig(Section):
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")  # None: the YAML file's stem
     output_dir: str | None = None  # None: runs/<name>
@@ -173,6 +184,7 @@ class RunConfig(Section):
     checkpoint_every: int = Field(1, ge=1)  # evaluation points between fold checkpoints (and always the last)
     checkpoints_to_keep: int = Field(1, ge=1)  # per trial; a restarted worker group resumes from the newest
     max_failures: int = Field(1, ge=0)  # worker-group restarts per trial before it counts as an error
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
 
 class Config(Section):

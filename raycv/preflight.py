@@ -11,10 +11,12 @@ reported at once, one line each, naming the key, what was found and what is expe
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -47,7 +49,7 @@ def drawable_configs(config: Config) -> list[tuple[str, Config]]:
 
 def preflight(config: Config, source: str) -> Plan:
     """Check `config` for everything the workers would trip on; raise ConfigError with every problem."""
-    problems = check_output_paths(config)
+    problems = check_output_paths(config) + check_extras(config)
     drawn = drawable_configs(config)
     tokenizers = {}  # one per distinct backbone the search can draw
 
@@ -124,6 +126,40 @@ def structbert_checkpoint_problems(backbone: StructBertBackbone) -> list[str]:
         return []
     shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
     return [f"model.backbone.checkpoint: {backbone.checkpoint} does not fit {backbone.config}: {shown}"]
+
+
+def check_extras(config: Config) -> list[str]:
+    """Settings that need an optional package (an extra of raycv) have it; a file store MLflow accepts."""
+    needed = []
+    if config.run.mlflow.tracking_uri:
+        needed.append(("run.mlflow.tracking_uri", "mlflow", "MLflow"))
+    if config.search.algorithm == "optuna":
+        needed.append(("search.algorithm", "optuna", "Optuna"))
+    problems, missing = [], set()
+    for key, package, name in needed:
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            missing.add(package)
+            problems.append(f"{key}: needs {name}, which is not installed; install it with "
+                            f"pip install 'raycv[{package}]' (or unset {key})")
+    if config.run.mlflow.tracking_uri and "mlflow" not in missing:
+        problems += check_mlflow_store(config.run.mlflow.tracking_uri)
+    return problems
+
+
+def check_mlflow_store(tracking_uri: str) -> list[str]:
+    """Newer MLflow (3.17 as tested) refuses a file store (file:DIR, a bare path) unless
+    MLFLOW_ALLOW_FILE_STORE=true: say so before the search, not in the Tune driver after it started."""
+    from mlflow import environment_variables
+
+    allow = getattr(environment_variables, "MLFLOW_ALLOW_FILE_STORE", None)  # absent: file stores allowed
+    file_store = urlparse(tracking_uri).scheme in ("", "file") and not tracking_uri.startswith("databricks")
+    if not file_store or allow is None or allow.get():
+        return []
+    return [f"run.mlflow.tracking_uri: {tracking_uri} is a file store, which this MLflow refuses unless "
+            "MLFLOW_ALLOW_FILE_STORE=true is set; use a database store such as sqlite:///mlflow.db (or set "
+            "MLFLOW_ALLOW_FILE_STORE=true)"]
 
 
 def check_output_paths(config: Config) -> list[str]:

@@ -87,6 +87,8 @@ def load_config(space: str | Path, overrides: list[str] | tuple[str, ...] = (), 
     run = config.run
     run.name = path.stem if run.name is None else run.name
     run.output_dir = str(Path(run.output_dir if run.output_dir is not None else f"runs/{run.name}").resolve())
+    if run.mlflow.tracking_uri and run.mlflow.experiment is None:
+        run.mlflow.experiment = run.name
     if run.storage_path is None:
         run.storage_path = str(Path(run.output_dir) / "ray")
     elif "://" not in run.storage_path:
@@ -139,12 +141,20 @@ def _check_search(raw: dict, file_errors: list[dict]) -> list[str]:
         return ".".join(_loc_and_tag(err)[0]), err["type"], err["msg"]
 
     reported, problems = {signature(err) for err in file_errors}, []
+    optuna = _section(raw, "search").get("algorithm") == "optuna"
+    if optuna and not _section(raw, "search", "params"):
+        problems.append("search.algorithm: optuna needs at least one key under search.params to choose values "
+                        "for; add one or use search.algorithm=random")
     for key, dim_raw in _section(raw, "search", "params").items():
         try:
             dim = Dimension.model_validate(dim_raw)
         except ValidationError:
             continue  # already reported by the whole file's validation
         where = f"search.params.{key}"
+        if optuna and dim.kind == "grid":
+            problems.append(f"{where}.grid: search.algorithm optuna cannot search a grid (Optuna draws each "
+                            f"value, it does not enumerate them); use choice: {list(dim.grid)} or "
+                            "search.algorithm=random")
         if key not in SEARCHABLE:
             hint = difflib.get_close_matches(key, sorted(SEARCHABLE), n=1)
             fix = f"did you mean {hint[0]}?" if hint else "searchable keys are under model. and train."
