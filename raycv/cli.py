@@ -6,6 +6,7 @@
     raycv convert-structbert en_model large_bert_config.json vocab.txt structbert-large/
     raycv tune search_spaces/base.yaml [--address auto]
     raycv report runs/base
+    raycv bench [--quick] [--gpu] [--out bench.json] [--data train.csv]
     raycv predict runs/base --data test.csv --out submission.csv [--trials best|top-k]
 
 Any search space takes `key=value` overrides after it (`data.path=/data/train.csv train.lr=3e-5`).
@@ -62,6 +63,14 @@ def build_parser() -> Parser:
     p.add_argument("--address", help="Ray cluster to join (auto, or ray://...); default: RAY_ADDRESS, else a local Ray")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in the same output directory (same space and overrides)")
+
+    p = sub.add_parser("bench", help="measure raycv against a bare loop, fixed padding and HF Trainer + Ray Tune")
+    p.add_argument("--quick", action="store_true", help="every key, roughly, in a minute or two (tiny model)")
+    p.add_argument("--gpu", action="store_true", help="the GPU figures only: BERT-large tokens/s and MFU, 5 folds "
+                   "sharing one GPU (exit 2 without a GPU)")
+    p.add_argument("--out", default="bench.json", help="JSON file to write every key to (default bench.json)")
+    p.add_argument("--data", help="CommonLit train.csv (default: the data.path of the bundled space it uses)")
+    p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for a GPU not in the table")
 
     p = sub.add_parser("report", help="rebuild a run's CV report from what it stored (no Ray needed)")
     p.add_argument("run_dir", help="the run's output directory, e.g. runs/base")

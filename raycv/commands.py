@@ -152,3 +152,9 @@ def predict(args) -> int:
     print(f"wrote {out}: {len(submission)} rows (id,target), the average of the fold models of "
           f"{', '.join(trials)}")
     return 0
+
+
+def bench(args) -> int:
+    from raycv.bench import bench as run_bench
+
+    return run_bench(quick=args.quick, gpu=args.gpu, out=args.out, data=args.data, peak_tflops=args.peak_tflops)

@@ -1,0 +1,89 @@
+"""`raycv bench`: the quick run prints and writes every key (values are never asserted: they are timings);
+the pure parts (the alternating median, the FLOPs arithmetic, the GPU peak table) checked by hand."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from raycv.bench import (
+    GPU_KEYS,
+    KEYS,
+    alternate,
+    attention_flops_per_token,
+    median_ratio,
+    mfu,
+    peak_bf16_tflops,
+    training_flops,
+)
+from raycv.cli import main
+
+from helpers import run_raycv
+
+QUICK_LIMIT_S = 600
+
+
+def test_alternate_swaps_the_order_each_repeat_and_pairs_each_side():
+    calls = []
+
+    def side(name, value):
+        def run():
+            calls.append(name)
+            return value
+        return run
+
+    pairs = alternate(side("a", 3.0), side("b", 2.0), repeats=3)
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+    assert pairs == [(3.0, 2.0)] * 3
+
+
+def test_median_ratio_is_the_median_of_the_pairs_ratios():
+    assert median_ratio([(1.0, 2.0), (9.0, 3.0), (2.0, 2.0)]) == 1.0
+    assert median_ratio([(1.0, 4.0), (3.0, 4.0)]) == pytest.approx(0.5)
+
+
+def test_training_flops_of_bert_large():
+    # 6 FLOPs per parameter per token (forward 2, backward 4) plus 12 x layers x hidden x seq for attention.
+    params, layers, hidden, seq = 302_000_000, 24, 1024, 256
+    assert attention_flops_per_token(layers, hidden, seq) == 12 * 24 * 1024 * 256 == 75_497_472
+    assert training_flops(params, 1000, layers, hidden, seq) == 1000 * (6 * 302_000_000 + 75_497_472)
+    # one second of 100k tokens/s on a 989-TFLOPs GPU
+    assert mfu(training_flops(params, 100_000, layers, hidden, seq), 1.0, 989) == pytest.approx(
+        100_000 * (1_812_000_000 + 75_497_472) / 989e12)
+
+
+def test_peak_table_matches_device_names():
+    assert peak_bf16_tflops("NVIDIA H200") == 989
+    assert peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989
+    assert peak_bf16_tflops("NVIDIA H100 PCIe") == 756  # the longest matching name wins
+    assert peak_bf16_tflops("NVIDIA A100-SXM4-80GB") == 312
+    assert peak_bf16_tflops("NVIDIA L4") == 121
+    assert peak_bf16_tflops("NVIDIA L40S") == 362
+    assert peak_bf16_tflops("Some Unknown GPU") is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_gpu_without_a_gpu_exits_2_with_one_line(capsys, tmp_path):
+    assert main(["bench", "--gpu", "--out", str(tmp_path / "bench.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("raycv: error: --gpu: no CUDA GPU") and err.count("\n") == 1
+    assert not (tmp_path / "bench.json").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(QUICK_LIMIT_S + 60)
+def test_quick_bench_prints_and_writes_every_key(tmp_path, train_csv):
+    proc = run_raycv(["bench", "--quick", "--data", str(train_csv), "--out", "bench.json"], cwd=tmp_path,
+                     timeout=QUICK_LIMIT_S)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| `")]
+    assert [line.split("`")[1] for line in table] == list(KEYS)
+    assert "| key | value | target | what it compares |" in proc.stdout
+    written = json.loads((tmp_path / "bench.json").read_text())
+    assert written["mode"] == "quick"
+    assert list(written["values"]) == list(KEYS) and list(written["details"]) == list(KEYS)
+    for key, value in written["values"].items():
+        # a number, or null with the reason (an optional extra missing), never a silent gap
+        assert (isinstance(value, (int, float)) and math.isfinite(value)) or written["details"][key]["reason"], key
+    assert not set(GPU_KEYS) & set(written["values"])
