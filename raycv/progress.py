@@ -1,6 +1,7 @@
-"""The two progress lines raycv prints, one per evaluation point, in one place.
+"""The progress lines raycv prints, one per evaluation point, in one place.
 
-- the fold line (`raycv train-fold`, and each fold worker's log):
+- the worker line, first in each fold worker's log: trial 3f2a_00001 | fold 2 | fold worker started: ...
+- the fold line (`raycv train-fold`, and each fold worker's log, where it starts with the trial):
   fold 2 | point 3/8 | step 120/850 | epoch 0.42 | train_loss 0.4100 | val_rmse 0.5012 | best 0.4987 | ...
 - the trial line (rank 0 of a trial, once the folds are pooled):
   trial 3f2a_00001 | point 3/8 | step 120/850 | cv_rmse_last 0.5203 | cv_rmse_best 0.5102 | folds ... | 38 s
@@ -8,6 +9,11 @@
 """
 
 from __future__ import annotations
+
+
+def worker_line(trial: str, fold: int, num_folds: int, pid: int) -> str:
+    """The first line of a fold worker's log: which trial and fold this Ray Train worker (world rank = fold) is."""
+    return f"trial {trial} | fold {fold} | fold worker started: world rank {fold} of {num_folds}, pid {pid}"
 
 
 def fold_line(point, trial: str | None = None) -> str:

@@ -50,6 +50,7 @@ from raycv.predict import drop_fold_models, export_fold_models, models_dir
 from raycv.preflight import Plan
 from raycv.report import write_report
 from raycv.scoring import compute_baselines
+from raycv.tracking import attach_report, search_algorithm, tracking_callbacks
 from raycv.worker import train_fn_per_worker, write_trial_status
 
 log = logging.getLogger(__name__)
@@ -312,11 +313,13 @@ def fit(config: Config, plan: Plan, concurrent: int | None, resume: bool) -> Non
         param_space=to_param_space(config),
         tune_config=tune.TuneConfig(
             metric="cv_rmse", mode="min", num_samples=config.search.num_samples, scheduler=scheduler,
+            search_alg=search_algorithm(config),  # None: Tune's random draws and grids
             max_concurrent_trials=concurrent,
             trial_name_creator=lambda trial: trial.trial_id, trial_dirname_creator=lambda trial: trial.trial_id,
         ),
         run_config=tune.RunConfig(
-            name="tune", storage_path=config.run.storage_path, verbose=1, callbacks=[tracker],
+            name="tune", storage_path=config.run.storage_path, verbose=1,
+            callbacks=[tracker, *tracking_callbacks(config)],
             stop={"eval_point": plan.max_t},
             # A lost trial driver (its node died) is retried; its Train run resumes from the fold checkpoints.
             failure_config=tune.FailureConfig(max_failures=config.run.max_failures),
@@ -357,6 +360,14 @@ def finish(config: Config, max_t: int, received: dict, resume_command: str) -> i
     print(f"baselines on the same folds: training mean {baselines['mean']['pooled_rmse']:.4f}, "
           f"TF-IDF + ridge {baselines['tfidf_ridge']['pooled_rmse']:.4f}")
     print(f"report: {paths['report_md']}")
+    mlflow, best = config.run.mlflow, report["best_trial"]
+    if mlflow.tracking_uri and best:
+        try:
+            run_id = attach_report(config, best)
+            print(f"mlflow: report attached to run {run_id} (best trial {best}) of experiment {mlflow.experiment} "
+                  f"at {mlflow.tracking_uri}")
+        except Exception as exc:  # the search is done: a tracking server gone away must not fail it
+            print(f"mlflow: could not attach the report to the run of trial {best}: {str(exc).splitlines()[0]}")
     if cut_short:
         print(f"interrupted: {len(cut_short)} trial(s) cut short, their fold checkpoints kept; "
               f"continue with: {resume_command}")

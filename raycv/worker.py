@@ -16,8 +16,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -51,21 +53,31 @@ def train_fn_per_worker(loop_config: dict) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     fold_metrics = FoldMetrics(config.run.name, trial_id, fold)
+    # Ray Train creates its RayTrainWorker actors without a name or a __repr__, so the dashboard's Actors page
+    # cannot say which trial and fold an actor is: its log (Actors -> the actor -> Log) says so, first thing.
+    say(progress.worker_line(trial_id, fold, num_folds, os.getpid()))
     state = restore_fold_state(fold)
     curve = restore_curve(config.run.storage_path, trial_id, state) if fold == 0 else []
 
     def on_eval(point: EvalPoint, snapshot) -> bool:
         fold_rows = gather_folds(point, data, num_folds)
-        fold_metrics.record_fold(point.val_rmse, point.samples_per_s, point.index, device)
+        fold_metrics.record_fold(point.val_rmse, point.samples_per_s, point.index, device, point.rss_mb)
+        say(progress.fold_line(point, trial_id))  # every fold's own line, in its own log
         metrics = {"eval_point": point.index, "train_loss": point.train_loss, "step": point.step,
-                   "epoch": point.epoch}
+                   "epoch": point.epoch,
+                   # the largest fold worker's memory now and at its peak: how memory moves over a run
+                   "max_fold_rss_mb": max(part["rss_mb"] for part in fold_rows),
+                   "max_fold_peak_rss_mb": max(part["peak_rss_mb"] for part in fold_rows),
+                   # rank 0's training + evaluation time so far, without its time in on_eval, and the
+                   # wall clock: what `raycv bench` splits a trial's wall time with
+                   "fold_busy_s": point.elapsed_s - point.callbacks_s, "fold_callbacks_s": point.callbacks_s,
+                   "reported_at": time.time()}
         diverged = [part["diverged"] for part in fold_rows if part["diverged"]]
         if diverged:  # every fold stops here; nothing to score or to checkpoint
             if fold == 0:
                 reason = "; ".join(diverged)
                 write_trial_status(config.run.storage_path, trial_id, "diverged", reason)
-                sys.stdout.write(progress.diverged_line(trial_id, point, reason) + "\n")
-                sys.stdout.flush()
+                say(progress.diverged_line(trial_id, point, reason))
             report({"cv_rmse": float("nan"), "diverged": 1.0, **metrics}, point.index, None, fold)
             return True
         if fold == 0:
@@ -75,16 +87,20 @@ def train_fn_per_worker(loop_config: dict) -> None:
             fold_metrics.record_pooled(scores["cv_rmse_last"], scores["cv_rmse_best"])
             curve.append({key: value for key, value in metrics.items() if key != "cv_rmse"})
             write_trial_files(config.run.storage_path, trial_id, oof, curve)
-            # sys.stdout, not print: Ray Train patches print into its logger, which shows each line twice.
-            sys.stdout.write(progress.trial_line(trial_id, point, scores) + "\n")
-            sys.stdout.flush()
-        else:
-            log.debug(progress.fold_line(point, trial_id))
+            say(progress.trial_line(trial_id, point, scores))
         keep = point.index == point.num_points or point.index % checkpoint_every == 0
         report(metrics, point.index, snapshot if keep else None, fold)
         return False
 
     train_fold(config, data, device=device, num_points=loop_config["num_points"], on_eval=on_eval, state=state)
+
+
+def say(line: str) -> None:
+    """One progress line on this worker's stdout: its log file, which the dashboard shows under Actors -> Log,
+    and (through Ray's log monitor) the driver's console. sys.stdout, not print: Ray Train patches print
+    into its logger, which shows each line twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 # ---------------------------------------------------------------- the steps of an evaluation point
@@ -95,7 +111,8 @@ def gather_folds(point: EvalPoint, data: FoldData, num_folds: int) -> list[dict]
     rows = {"id": data.valid_ids, "fold": data.fold, "target": data.valid_targets.tolist(),
             "pred_best": point.best_preds.tolist(), "pred_last": point.preds.tolist()}
     gathered: list = [None] * num_folds
-    dist.all_gather_object(gathered, {"fold": data.fold, "rows": rows, "diverged": point.diverged})
+    dist.all_gather_object(gathered, {"fold": data.fold, "rows": rows, "diverged": point.diverged,
+                                      "rss_mb": point.rss_mb, "peak_rss_mb": point.peak_rss_mb})
     return gathered
 
 

@@ -19,8 +19,9 @@ LAYERS = [
     {"storage", "scoring", "progress", "metrics", "config"},
     {"spaces", "data", "model", "collect"},
     {"train_fold", "report"},
-    {"worker", "preflight", "cluster", "predict"},
+    {"worker", "preflight", "cluster", "predict", "tracking"},
     {"sweep"},
+    {"bench"},
     {"commands"},
     {"cli"},
 ]
