@@ -156,7 +156,7 @@ def markdown(report: dict, plots: dict[str, str]) -> str:
         ]
     lines += [
         "## Leaderboard", "",
-        "| trial | " + " | ".join(searched) + " | status | points | CV RMSE (last point) | CV RMSE (best point) | "
+        "| " + " | ".join(["trial", *searched]) + " | status | points | CV RMSE (last point) | CV RMSE (best point) | "
         "per-fold RMSE (last) | fold mean ± std (last) |",
         "|" + "---|" * (len(searched) + 7),
     ]
@@ -166,7 +166,7 @@ def markdown(report: dict, plots: dict[str, str]) -> str:
                   if t.get("fold_rmse_last_mean") is not None else "-")
         status = t["status"] + (f" ({t['reason']})" if t["reason"] else "")
         lines.append(
-            f"| {t['trial_id']} | " + " | ".join(_fmt(t["params"].get(k)) for k in searched)
+            "| " + " | ".join([t["trial_id"], *(_fmt(t["params"].get(k)) for k in searched)])
             + f" | {status} | {t['eval_points']} | {_fmt(t['cv_rmse_last'])} | {_fmt(t['cv_rmse_best'])} "
             f"| {per_fold} | {spread} |"
         )

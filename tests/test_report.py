@@ -144,6 +144,26 @@ def test_markdown_csv_and_plots(run_dir):
         assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_every_markdown_table_has_as_many_cells_per_row_as_its_header(run_dir, tmp_path):
+    """With searched keys and without (a one-trial run searches nothing): header, separator and rows agree."""
+    unsearched = tmp_path / "unsearched"
+    shutil.copytree(run_dir, unsearched)
+    state = json.loads((unsearched / "run.json").read_text())
+    state["searched"], state["trials"] = [], [{**state["trials"][0], "params": {}}]
+    (unsearched / "run.json").write_text(json.dumps(state))
+    for directory in (run_dir, unsearched):
+        write_report(directory)
+        tables: list[list[str]] = []
+        for line in (directory / "report.md").read_text().splitlines() + [""]:
+            if line.startswith("|"):
+                tables[-1].append(line) if tables and tables[-1] else tables.append([line])
+            elif tables and tables[-1]:
+                tables.append([])
+        for table in filter(None, tables):
+            cells = {line.count("|") for line in table}
+            assert len(cells) == 1 and "|  |" not in table[0], table
+
+
 def test_report_on_a_directory_that_is_no_run_is_one_line_and_status_2(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
