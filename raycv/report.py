@@ -207,6 +207,7 @@ def write_plots(run_dir: Path, loaded: dict, report: dict) -> dict[str, str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     plots = {}
     trials = {t["trial_id"]: t for t in report["trials"]}
@@ -244,8 +245,10 @@ def write_plots(run_dir: Path, loaded: dict, report: dict) -> dict[str, str]:
         for name, value in report["baselines"].items():
             ax.axhline(value["pooled_rmse"], linestyle="--", color="grey", linewidth=1)
             ax.annotate(name, (1, value["pooled_rmse"]), fontsize=8, color="grey")
+        stopped = " (x: stopped by ASHA)" if report["scheduler"] == "asha" else ""
         ax.set(xlabel="evaluation point", ylabel="pooled OOF RMSE (cv_rmse_last)",
-               title="Trials over evaluation points (x: stopped by ASHA)")
+               title=f"Trials over evaluation points{stopped}")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         if len(loaded["curves"]) <= 12:
             ax.legend(fontsize=7)
         save(fig, "cv_rmse_curves.png", "Pooled RMSE versus evaluation point")
