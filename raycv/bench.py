@@ -205,8 +205,8 @@ class Sizes:
         if quick:
             return cls(
                 quick=True, model_space="smoke.yaml", loop_steps=10, repeats=1, pad_rows=64,
-                smoke_lrs=[3e-3, 1e-4],
-                smoke_overrides=["data.max_rows=150", "data.num_folds=5", "train.epochs=2",
+                smoke_lrs=[3e-3],  # one trial: the ASHA pair and the HF comparison run only in the full bench
+                smoke_overrides=["data.max_rows=150", "data.num_folds=3", "train.epochs=2",
                                  "resources.cpus_per_fold=0.25"],
                 hf_rows=150, hf_overrides=[],
             )
@@ -471,18 +471,24 @@ def measure_tune(results: Results, sizes: Sizes, data_path: str, work: Path) -> 
               "run.max_concurrent_trials=1", *sizes.smoke_overrides]
     model = "tiny random BERT of smoke.yaml (hidden 32, 2 layers) trained on real CommonLit rows"
     runs = {}
-    for scheduler in ("none", "asha"):
+    for scheduler in ("none",) if sizes.quick else ("none", "asha"):
         cwd = work / f"smoke_{scheduler}"
         cwd.mkdir()
         extra = ["scheduler.type=asha", "scheduler.grace_period=1", "scheduler.reduction_factor=3"] \
             if scheduler == "asha" else ["scheduler.type=none"]
         runs[scheduler] = raycv_tune("spaces/smoke.yaml", [*common, *extra, f"run.name=smoke_{scheduler}"],
                                      cwd, timeout=900)
-    full, asha = runs["none"], runs["asha"]
-    full_dir, asha_dir = full.cwd / "runs" / "smoke_none", asha.cwd / "runs" / "smoke_asha"
+    full = runs["none"]
+    full_dir = full.cwd / "runs" / "smoke_none"
     results.set("first_result_s", full.first("| cv_rmse_last "),
                 "smoke.yaml (overridden as below), subprocess start to the first pooled line")
     report_overhead(results, full, full_dir)
+    if sizes.quick:  # two more whole searches: minutes on 2 cores, too long for the test suite's --quick
+        for key in ("asha_epoch_fraction", "asha_best_rmse_delta"):
+            results.skip(key, "measured by the full bench only (an ASHA search and the same trials without it)")
+        return full
+    asha = runs["asha"]
+    asha_dir = asha.cwd / "runs" / "smoke_asha"
     (full_epochs, full_best), (asha_epochs, asha_best) = epochs_and_best(full_dir), epochs_and_best(asha_dir)
     used = (f"{model}; {len(sizes.smoke_lrs)} trials (lr grid in this order: {sizes.smoke_lrs}), one at a time, "
             f"ASHA grace 1, reduction 3; {' '.join(sizes.smoke_overrides)}")
@@ -580,6 +586,9 @@ def measure_hf(results: Results, sizes: Sizes, data_path: str, work: Path, quick
                f"{config.train.micro_batch_size or config.train.batch_size}), max_length {config.model.max_length}, " \
                f"CPU, {folds} fold workers"
     rss_from_curves(results, run_dir, rss_used)
+    if sizes.quick:  # a whole Hugging Face search: minutes on 2 cores, too long for the test suite's --quick
+        results.skip("fold_epoch_vs_hf_tune", "measured by the full bench only (a Hugging Face search beside raycv's)")
+        return
     if missing:
         results.skip("fold_epoch_vs_hf_tune", missing)
         return
