@@ -280,6 +280,10 @@ def test_prometheus_scrapes_raycv_metrics_with_the_trials_labels(watched, traini
 # ---------------------------------------------------------------- what the job's overview counts as failed
 
 
+ACTOR_GONE = {"ACTOR_DIED", "WORKER_DIED", "TASK_CANCELLED", "NODE_DIED", "ACTOR_UNAVAILABLE",
+              "TASK_PLACEMENT_GROUP_REMOVED", "ACTOR_PLACEMENT_GROUP_REMOVED"}  # the trial's placement group removed
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_the_only_failed_tasks_of_a_healthy_run_are_tunes_queue_polls(watched):
@@ -304,7 +308,11 @@ def test_the_only_failed_tasks_of_a_healthy_run_are_tunes_queue_polls(watched):
     assert listed.returncode == 0, listed.stderr[-2000:]
     failed = json.loads(listed.stdout.strip().splitlines()[-1])
     assert failed, "no failed tasks: README's paragraph on _QueueActor.get no longer holds"
-    assert {name for name, _, _ in failed} == {"_QueueActor.get"}
+    # Besides the polls, at most Train's controller task of the finished trial, ended by its actor's removal.
+    others = [f for f in failed if f[0] != "_QueueActor.get"]
+    assert all(name == "TrainController.run" and kind in ACTOR_GONE for name, kind, _ in others), others
+    assert len(others) <= 1, others
+    assert any(name == "_QueueActor.get" for name, _, _ in failed)
     # Each ends in Empty, raised in the queue's actor (a poll still waiting when its trial ends may instead
     # end with the queue's actor, which goes with the trial).
     raised = [message for _, kind, message in failed if kind == "TASK_EXECUTION_EXCEPTION"]
