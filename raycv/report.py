@@ -105,8 +105,10 @@ def write_report(run_dir: Path, state: RunState | None = None) -> dict:
     write_atomic(run_dir / "trials.csv", lambda tmp: trials_table(report).to_csv(tmp, index=False))
     plots = write_plots(run_dir, loaded, report)
     write_text_atomic(run_dir / "report.md", markdown(report, plots))
+    files = [run_dir / name for name in ("report.md", "report.json", "trials.csv", *plots.values())]
     return {
-        "report": report, "report_md": run_dir / "report.md", "report_json": run_dir / "report.json", "plots": plots
+        "report": report, "report_md": run_dir / "report.md", "report_json": run_dir / "report.json", "plots": plots,
+        "files": files,  # every file written, for whoever ships the report elsewhere (MLflow)
     }
 
 

@@ -363,7 +363,7 @@ def finish(config: Config, max_t: int, received: dict, resume_command: str) -> i
     mlflow, best = config.run.mlflow, report["best_trial"]
     if mlflow.tracking_uri and best:
         try:
-            run_id = attach_report(config, best)
+            run_id = attach_report(config, best, paths["files"])
             print(f"mlflow: report attached to run {run_id} (best trial {best}) of experiment {mlflow.experiment} "
                   f"at {mlflow.tracking_uri}")
         except Exception as exc:  # the search is done: a tracking server gone away must not fail it

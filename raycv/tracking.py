@@ -25,8 +25,6 @@ from ray.tune.search.optuna import OptunaSearch
 from raycv import RaycvError
 from raycv.config import Config
 
-REPORT_ARTIFACTS = ("report.md", "report.json", "trials.csv", "cv_rmse_curves.png", "pred_vs_target.png",
-                    "rmse_by_param.png")
 ARTIFACT_DIR = "raycv_report"  # the artifacts' folder in the MLflow run
 
 
@@ -46,8 +44,8 @@ def search_algorithm(config: Config) -> Searcher | None:
     return OptunaSearch()  # metric/mode from TuneConfig; grids were refused by validation
 
 
-def attach_report(config: Config, trial_id: str) -> str:
-    """Log the run directory's report files to the MLflow run the callback made for `trial_id` (the newest,
+def attach_report(config: Config, trial_id: str, files: list[Path]) -> str:
+    """Log the report's files (`write_report`'s "files") to the MLflow run the callback made for `trial_id` (the newest,
     should --resume have made a second); the run's id."""
     from mlflow import MlflowClient
 
@@ -62,8 +60,6 @@ def attach_report(config: Config, trial_id: str) -> str:
         raise RaycvError(f"no MLflow run of trial {trial_id} in experiment {mlflow.experiment} at "
                          f"{mlflow.tracking_uri}")
     run_id = runs[0].info.run_id
-    for name in REPORT_ARTIFACTS:
-        path = Path(config.run.output_dir) / name
-        if path.is_file():
-            client.log_artifact(run_id, str(path), artifact_path=ARTIFACT_DIR)
+    for path in files:
+        client.log_artifact(run_id, str(path), artifact_path=ARTIFACT_DIR)
     return run_id
