@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.feature_extraction.text import TfidfVectorizer
-from sklearn.linear_model import Ridge
-from sklearn.metrics import root_mean_squared_error
 
 WHICH = ("last", "best")
 
 
 def rmse(frame: pd.DataFrame, column: str) -> float:
+    # scikit-learn is imported where it is used: fold workers import this module, and only rank 0 scores
+    # (each import at worker start-up costs about a second of CPU and 60 MB, five folds per trial).
+    from sklearn.metrics import root_mean_squared_error
+
     return float(root_mean_squared_error(frame["target"], frame[column]))
 
 
@@ -71,6 +72,9 @@ def score_ensemble(oofs: list[pd.DataFrame]) -> dict:
 def compute_baselines(table: pd.DataFrame) -> dict:
     """On the run's folds: predicting the training folds' mean, and TF-IDF (1-2 grams) + ridge.
     `table` has columns text, target, fold. A baseline has one prediction per row: `pooled_rmse`."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import Ridge
+
     preds = {"mean": np.empty(len(table)), "tfidf_ridge": np.empty(len(table))}
     for fold in sorted(table["fold"].unique()):
         train, valid = (table["fold"] != fold).to_numpy(), (table["fold"] == fold).to_numpy()

@@ -17,13 +17,13 @@ refuses a setting whose package is missing before Ray starts, and only these fun
 from __future__ import annotations
 
 from pathlib import Path
-
-from ray.air.integrations.mlflow import MLflowLoggerCallback
-from ray.tune.search import Searcher
-from ray.tune.search.optuna import OptunaSearch
+from typing import TYPE_CHECKING
 
 from raycv import RaycvError
 from raycv.config import Config
+
+if TYPE_CHECKING:
+    from ray.tune.search import Searcher
 
 ARTIFACT_DIR = "raycv_report"  # the artifacts' folder in the MLflow run
 
@@ -33,6 +33,8 @@ def tracking_callbacks(config: Config) -> list:
     mlflow = config.run.mlflow
     if not mlflow.tracking_uri:
         return []
+    from ray.air.integrations.mlflow import MLflowLoggerCallback  # imports mlflow: only when it is asked for
+
     return [MLflowLoggerCallback(tracking_uri=mlflow.tracking_uri, experiment_name=mlflow.experiment,
                                  tags={"raycv_run": config.run.name, "raycv_output_dir": config.run.output_dir})]
 
@@ -41,6 +43,8 @@ def search_algorithm(config: Config) -> Searcher | None:
     """None for `random` (Tune's own random draws and grids), else Optuna's TPE."""
     if config.search.algorithm == "random":
         return None
+    from ray.tune.search.optuna import OptunaSearch  # imports optuna: only when it is asked for
+
     return OptunaSearch()  # metric/mode from TuneConfig; grids were refused by validation
 
 
