@@ -73,12 +73,21 @@ class ModelConfig(Section):
     pooling: Literal["cls", "mean", "attention"] = "cls"  # cls: [CLS] through the pooler (dense+tanh), as the fork
     reinit_layers: int = Field(0, ge=0)  # re-initialise this many top encoder layers before fine-tuning
     attention: Literal["sdpa", "eager"] = "sdpa"  # transformers' attention kernel
+    # Dropout on the attention weights; null keeps the backbone's own (0.1 for BERT and MiniLM). At 0, PyTorch's
+    # SDPA runs its fused kernel on CPU instead of materialising every attention matrix for backward:
+    # MiniLM-L6, micro-batches of 8 at 256 tokens, measured 1.6x faster steps and 460 MB less peak memory.
+    attention_dropout: float | None = Field(None, ge=0, lt=1)
 
 
 class TrainConfig(Section):
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(8, ge=1)
     micro_batch_size: int | None = Field(None, ge=1)  # rows per forward/backward pass; None: batch_size
+    # Each batch is padded to its longest row rounded up to a multiple of this (never past model.max_length),
+    # as transformers' `pad_to_multiple_of`: on CPU every new sequence length costs a fold worker memory that
+    # stays (measured: about 12 MB per distinct length, 1.06 GB flat with 8 against 1.46 GB and growing with
+    # 1, over 40 MiniLM-L6 steps); GPUs' tensor cores want multiples of 8 too. 1: the longest row exactly.
+    pad_to_multiple_of: int = Field(8, ge=1)
     eval_batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-5, gt=0, lt=1)  # of the head and the top encoder layer
     layer_decay: float = Field(1.0, gt=0, le=1)  # each layer below the top gets lr times this once more

@@ -273,6 +273,14 @@ def encoder_layers(backbone: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def set_attention_dropout(backbone: nn.Module, layers: nn.ModuleList, p: float) -> None:
+    """model.attention_dropout: every layer's dropout on its attention weights (BERT's
+    `attention.self.dropout`, which both the eager and the SDPA kernel read at each forward)."""
+    backbone.config.attention_probs_dropout_prob = p
+    for layer in layers:
+        layer.attention.self.dropout.p = p
+
+
 def build_model(model: ModelConfig, seed: int) -> Regressor:
     """The regressor, with the head (and any re-initialised layers) drawn from `seed`."""
     torch.manual_seed(seed)
@@ -280,6 +288,8 @@ def build_model(model: ModelConfig, seed: int) -> Regressor:
     torch.manual_seed(seed)
     regressor = Regressor(backbone, model.pooling, model.dropout)
     layers = encoder_layers(backbone)
+    if model.attention_dropout is not None:
+        set_attention_dropout(backbone, layers, model.attention_dropout)
     if model.reinit_layers > len(layers):
         raise RaycvError(f"model.reinit_layers is {model.reinit_layers} but the backbone has {len(layers)} layers")
     reinit = list(layers[len(layers) - model.reinit_layers :]) if model.reinit_layers else []

@@ -351,3 +351,20 @@ def test_the_packaged_minilm_loads_with_its_pretrained_weights():
     with torch.no_grad():
         scores = model(**collate(ids, np.arange(2), tokenizer.pad_token_id))
     assert scores.shape == (2,) and torch.isfinite(scores).all()
+
+
+def test_attention_dropout_reaches_every_layer_and_its_forward():
+    """model.attention_dropout sets every layer's dropout on its attention weights (null keeps the backbone's
+    own), and the SDPA forward in training mode uses it."""
+    default = build_model(tiny_model_config(), seed=0)
+    assert {layer.attention.self.dropout.p for layer in default.backbone.encoder.layer} == {0.1}  # BERT's own
+    outputs = {}
+    for p in (0.0, 0.5):
+        model = build_model(tiny_model_config(attention_dropout=p), seed=0)
+        assert {layer.attention.self.dropout.p for layer in model.backbone.encoder.layer} == {p}
+        assert model.backbone.config.attention_probs_dropout_prob == p
+        torch.manual_seed(1)
+        ids = torch.randint(1000, 2000, (2, 10))
+        torch.manual_seed(2)  # were the setting ignored, both would draw the same dropout and agree
+        outputs[p] = model.train()(ids, torch.ones_like(ids))
+    assert not torch.allclose(outputs[0.0], outputs[0.5])
