@@ -44,9 +44,11 @@ def validate(args) -> int:
         f"{(full > config.model.max_length).mean():.1%} truncated at max_length {config.model.max_length}"
     )
     batch = config.train.batch_size
-    bucketed = useful_token_fraction(lengths, bucketed_batches(lengths, batch, np.random.default_rng(0)))
+    bucketed = useful_token_fraction(lengths, bucketed_batches(lengths, batch, np.random.default_rng(0)),
+                                     config.train.pad_to_multiple_of, config.model.max_length)
     fixed = lengths.sum() / (len(lengths) * config.model.max_length)
-    print(f"useful-token fraction at batch {batch}: length-bucketed {bucketed:.3f}, fixed padding {fixed:.3f}")
+    print(f"useful-token fraction at batch {batch}: length-bucketed {bucketed:.3f} (widths rounded up to a multiple "
+          f"of {config.train.pad_to_multiple_of}), fixed padding {fixed:.3f}")
     train_rows = len(table) - min(sizes)
     print(
         f"per fold: {steps_per_epoch(train_rows, batch)} steps/epoch x {config.train.epochs} epochs, "

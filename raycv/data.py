@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from raycv import RaycvError
 from raycv.config import DataConfig, default_num_bins
@@ -87,6 +86,8 @@ def sample_rows(rows: pd.DataFrame, max_rows: int, seed: int, num_bins: int | No
     counts = np.bincount(bins)
     # Bins too small to split are merged into their neighbour so stratification stays possible.
     bins = np.where(counts[bins] < 2, np.argmax(counts), bins)
+    from sklearn.model_selection import train_test_split  # here, not at the top: see assign_folds
+
     sample, _ = train_test_split(rows, train_size=max_rows, stratify=bins, random_state=seed)
     return sample.sort_index()
 
@@ -99,6 +100,10 @@ def assign_folds(rows: pd.DataFrame, num_folds: int, seed: int, num_bins: int | 
     shuffled = rows.sample(frac=1, random_state=seed).reset_index(drop=True)
     bins = target_bins(shuffled["target"], num_bins)
     shuffled["fold"] = -1
+    # Imported here: fold workers import this module for its batching and never cut folds, and scikit-learn
+    # (with SciPy) costs each of them about a second of CPU and 60 MB at start-up, five folds per trial.
+    from sklearn.model_selection import StratifiedKFold
+
     splitter = StratifiedKFold(n_splits=num_folds)
     try:
         for fold, (_, valid_idx) in enumerate(splitter.split(X=shuffled, y=bins)):
@@ -146,9 +151,17 @@ def sorted_batches(lengths: np.ndarray, batch_size: int):
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def collate(input_ids: list[list[int]], index: np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad one batch to its longest row."""
-    width = max(len(input_ids[i]) for i in index)
+def padded_width(longest: int, multiple: int = 1, cap: int | None = None) -> int:
+    """A batch's width: its longest row rounded up to a multiple of `multiple` (train.pad_to_multiple_of),
+    but not past `cap` (model.max_length, which no row exceeds)."""
+    width = -(-longest // multiple) * multiple
+    return max(longest, min(width, cap)) if cap else width
+
+
+def collate(input_ids: list[list[int]], index: np.ndarray, pad_id: int, multiple: int = 1,
+            cap: int | None = None) -> dict[str, torch.Tensor]:
+    """Pad one batch to its longest row (rounded up: `padded_width`)."""
+    width = padded_width(max(len(input_ids[i]) for i in index), multiple, cap)
     ids = torch.full((len(index), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(index), width), dtype=torch.long)
     for row, i in enumerate(index):
@@ -157,9 +170,9 @@ def collate(input_ids: list[list[int]], index: np.ndarray, pad_id: int) -> dict[
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
 
 
-def useful_token_fraction(lengths: np.ndarray, batches) -> float:
+def useful_token_fraction(lengths: np.ndarray, batches, multiple: int = 1, cap: int | None = None) -> float:
     """Real tokens over padded tokens across batches (1.0 means no padding at all)."""
-    padded = sum(len(b) * lengths[b].max() for b in batches)
+    padded = sum(len(b) * padded_width(int(lengths[b].max()), multiple, cap) for b in batches)
     return float(lengths.sum() / padded)
 
 

@@ -97,5 +97,6 @@ def predict_texts(run_dir: Path, trial_ids: list[str], data_path: str, batch_siz
         dtype = autocast_dtype(config.train.precision, device)
         for weights in sorted(directory.glob("fold_*.safetensors")):
             model = regressor_from_weights(backbone, config.model.pooling, load_file(weights)).to(device)
-            preds.append(predict(model, tokens, tokenizer.pad_token_id, batch_size, device, dtype))
+            preds.append(predict(model, tokens, tokenizer.pad_token_id, batch_size, device, dtype,
+                                 config.train.pad_to_multiple_of, config.model.max_length))
     return pd.DataFrame({"id": rows["id"], "target": np.mean(preds, axis=0)})

@@ -182,13 +182,14 @@ def default_device() -> torch.device:
 
 
 @torch.no_grad()
-def predict(model, tokens: list[list[int]], pad_id: int, batch_size: int, device, dtype) -> np.ndarray:
-    """Predictions in the order of `tokens`, computed in length-sorted batches."""
+def predict(model, tokens: list[list[int]], pad_id: int, batch_size: int, device, dtype, multiple: int = 1,
+            cap: int | None = None) -> np.ndarray:
+    """Predictions in the order of `tokens`, computed in length-sorted batches (padded as `collate` says)."""
     model.eval()
     lengths = np.array([len(t) for t in tokens])
     preds = np.empty(len(tokens), dtype=np.float32)
     for index in sorted_batches(lengths, batch_size):
-        batch = {k: v.to(device, non_blocking=True) for k, v in collate(tokens, index, pad_id).items()}
+        batch = {k: v.to(device, non_blocking=True) for k, v in collate(tokens, index, pad_id, multiple, cap).items()}
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             preds[index] = model(**batch).float().cpu().numpy()
     return preds
@@ -230,6 +231,7 @@ def train_fold(
     lengths = np.array([len(t) for t in data.train_tokens])
     targets = torch.tensor(data.train_targets, dtype=torch.float32)
     micro = train.micro_batch_size or train.batch_size
+    pad = {"multiple": train.pad_to_multiple_of, "cap": config.model.max_length}  # each batch's width: collate
 
     step, curve, stop, diverged = 0, [], False, None
     best_preds = last_preds = np.full(len(data.valid_ids), np.nan, dtype=np.float32)
@@ -259,7 +261,7 @@ def train_fold(
         batches = bucketed_batches(lengths, train.batch_size, np.random.default_rng([seed, epoch]))
         for index in batches[step - epoch * per_epoch :]:
             optimizer.zero_grad(set_to_none=True)
-            loss_sum += backward(model, data.train_tokens, targets, index, data.pad_id, micro, device, dtype)
+            loss_sum += backward(model, data.train_tokens, targets, index, data.pad_id, micro, device, dtype, **pad)
             if train.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), train.max_grad_norm)
             optimizer.step()
@@ -270,7 +272,7 @@ def train_fold(
             if step not in points:
                 continue
 
-            preds = predict(model, data.valid_tokens, data.pad_id, train.eval_batch_size, device, dtype)
+            preds = predict(model, data.valid_tokens, data.pad_id, train.eval_batch_size, device, dtype, **pad)
             if device.type == "cpu":
                 release_free_memory()
             rmse = float(np.sqrt(np.mean((preds - data.valid_targets) ** 2)))  # nan if any prediction is
@@ -309,14 +311,14 @@ def train_fold(
 
 
 def backward(model, tokens, targets: torch.Tensor, index: np.ndarray, pad_id: int, micro: int, device,
-             dtype) -> torch.Tensor:
+             dtype, multiple: int = 1, cap: int | None = None) -> torch.Tensor:
     """One batch's MSE gradient, accumulated in micro-batches of `micro` rows (train.micro_batch_size): the
     same gradient as the whole batch at once, with the activation memory of a part. Returns the batch's
     summed squared error (a tensor, so the step has no host sync)."""
     total = torch.zeros((), device=device)
     for start in range(0, len(index), micro):
         part = index[start : start + micro]
-        batch = {k: v.to(device, non_blocking=True) for k, v in collate(tokens, part, pad_id).items()}
+        batch = {k: v.to(device, non_blocking=True) for k, v in collate(tokens, part, pad_id, multiple, cap).items()}
         target = targets[part].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             pred = model(**batch)

@@ -19,6 +19,7 @@ from raycv.data import (
     collate,
     encode_folds,
     load_folds,
+    padded_width,
     read_rows,
     sample_rows,
     sorted_batches,
@@ -327,6 +328,23 @@ def test_collate_pads_with_the_pad_id_and_masks_the_real_tokens():
         assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]]
         assert batch["token_type_ids"].tolist() == [[0] * 4] * 3
         assert all(t.dtype == torch.long for t in batch.values())
+
+
+def test_padded_width_rounds_up_but_not_past_max_length():
+    assert [padded_width(n, 8) for n in (1, 8, 9, 250)] == [8, 8, 16, 256]
+    assert padded_width(250, 8, cap=252) == 252  # rounded to 256, capped at max_length
+    assert padded_width(253, 8, cap=253) == 253  # a row of max_length tokens is never cut
+    assert [padded_width(n, 1) for n in (1, 9, 250)] == [1, 9, 250]
+
+
+def test_collate_rounds_the_width_up_and_masks_only_the_real_tokens():
+    tokens = [[101, 5, 6, 102], [101, 102], [101, 7, 8, 9, 10, 102]]
+    batch = collate(tokens, np.array([0, 1]), 0, multiple=8)
+    assert batch["input_ids"].shape == (2, 8)
+    assert batch["attention_mask"].tolist() == [[1] * 4 + [0] * 4, [1] * 2 + [0] * 6]
+    assert collate(tokens, np.array([2]), 0, multiple=8, cap=6)["input_ids"].shape == (1, 6)
+    lengths = np.array([1, 2, 3, 4])
+    assert useful_token_fraction(lengths, [np.array([0, 1]), np.array([2, 3])], multiple=4) == pytest.approx(10 / 16)
 
 
 def test_collate_on_real_batches(rows, tokenizer):
