@@ -49,7 +49,11 @@ def start_ray(address: str | None) -> bool:
         return False
     # "local": always a new Ray of our own, never one a `ray start` left on this machine (which ray.init()
     # would otherwise join, or wait on for minutes if it has died).
-    context = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
+    try:
+        context = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
+    except Exception as exc:  # Ray raises a bare Exception when its processes do not come up in time
+        raise RaycvError(f"could not start a local Ray: {str(exc).strip().splitlines()[0]} (is the machine "
+                         "overloaded or out of memory? `ray status` shows a Ray already running)") from None
     if secure_token_file(token_path()):
         print(f"made {token_path()} readable by its owner only (it is the cluster's password)")
     print(f"started a local Ray for this run; dashboard: {_url(context.dashboard_url)} "
