@@ -234,16 +234,18 @@ def fold_data(encoded, rows: np.ndarray, valid_rows: int = 4) -> FoldData:
 
 
 def bare_loop(model, optimizer, scheduler, tokens, targets, batches, pad_id, dtype, width=None,
-              max_grad_norm=1.0) -> float:
+              max_grad_norm=1.0, multiple=1) -> float:
     """A plain PyTorch training pass, as one writes it without raycv: pad, forward, MSE, backward, clip,
-    step. `width`: pad every batch to it (the fork's fixed padding). Returns samples per second."""
+    step. `width`: pad every batch to it (the fork's fixed padding); else to its longest row rounded up to
+    `multiple`, as raycv pads. Returns samples per second."""
     model.train()
     started, seen = time.perf_counter(), 0
     for index in batches:
         rows = [torch.tensor(tokens[i]) for i in index]
         ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad_id)
-        if width is not None and ids.shape[1] < width:
-            ids = torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=pad_id)
+        target_width = width if width is not None else -(-ids.shape[1] // multiple) * multiple
+        if ids.shape[1] < target_width:
+            ids = torch.nn.functional.pad(ids, (0, target_width - ids.shape[1]), value=pad_id)
         mask = (torch.arange(ids.shape[1])[None, :] < torch.tensor([len(r) for r in rows])[:, None]).long()
         with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
             pred = model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))
@@ -279,10 +281,14 @@ def measure_loops(results: Results, sizes: Sizes, data_path: str) -> None:
     lengths = np.array([len(t) for t in encoded.tokens])
     batch = config.train.batch_size
     rng = np.random.default_rng(0)
-    useful = useful_token_fraction(lengths, bucketed_batches(lengths, batch, np.random.default_rng(0)))
+    multiple = config.train.pad_to_multiple_of
+    useful = useful_token_fraction(lengths, bucketed_batches(lengths, batch, np.random.default_rng(0)), multiple,
+                                   config.model.max_length)
+    exact = useful_token_fraction(lengths, bucketed_batches(lengths, batch, np.random.default_rng(0)))
     fixed_useful = float(lengths.sum() / (len(lengths) * config.model.max_length))
     results.set("useful_token_fraction", useful,
-                f"{len(lengths)} rows; fixed padding to 256: {fixed_useful:.3f}")
+                f"{len(lengths)} rows, widths rounded up to a multiple of {multiple} (train.pad_to_multiple_of; "
+                f"{exact:.3f} without rounding); fixed padding to 256: {fixed_useful:.3f}")
     model_name = config.model.backbone.type + ("" if sizes.quick else " MiniLM-L6")
     tame_glibc_malloc()  # train_fold sets these allocator options on CPU; the bare loop runs under the same
 
@@ -307,7 +313,7 @@ def measure_loops(results: Results, sizes: Sizes, data_path: str) -> None:
         torch.manual_seed(seed)
         return bare_loop(model, optimizer, scheduler, data.train_tokens, targets, batches, data.pad_id,
                          autocast_dtype(one_epoch.train.precision, torch.device("cpu")),
-                         max_grad_norm=one_epoch.train.max_grad_norm)
+                         max_grad_norm=one_epoch.train.max_grad_norm, multiple=multiple)
 
     say(f"loop_vs_bare_throughput: {model_name}, {sizes.loop_steps} steps of {batch} x {sizes.repeats} repeats")
     pairs = alternate(raycv_loop, bare, sizes.repeats)
@@ -329,7 +335,7 @@ def measure_loops(results: Results, sizes: Sizes, data_path: str) -> None:
             batches = [pad_rows[b] for b in chosen]
         optimizer, scheduler = optimiser_for(model, config, len(batches))
         rate = bare_loop(model, optimizer, scheduler, encoded.tokens, pad_targets, batches, encoded.pad_id, None,
-                         width=config.model.max_length if fixed else None)
+                         width=config.model.max_length if fixed else None, multiple=multiple)
         return len(pad_rows) / rate  # seconds for the pass
 
     say(f"bucketed_vs_fixed_padding_time: {model_name}, {sizes.pad_rows} rows x {sizes.repeats} repeats")
@@ -459,6 +465,21 @@ def epochs_and_best(run_dir: Path) -> tuple[float, float]:
     return float(epochs), float(best["cv_rmse_last"])
 
 
+def first_result_breakdown(run: Run) -> str:
+    """Where the seconds to the first pooled line went, from the times the run's own lines appeared."""
+    marks = [("checks and Ray start", "started a local Ray"), ("trial driver start", " started with configuration"),
+             ("Train controller and fold workers start", "fold worker started"),
+             ("model build, first training and evaluation, pooling", "| cv_rmse_last ")]
+    parts, before = [], 0.0
+    for name, needle in marks:
+        at = run.first(needle)
+        if at is None:
+            return "breakdown: " + ", ".join(parts) if parts else "no breakdown (a line was missing)"
+        parts.append(f"{name} {at - before:.1f} s")
+        before = at
+    return "breakdown: " + ", ".join(parts)
+
+
 def lr_grid(lrs: list) -> str:
     # 3.0e-04, not 3e-04: YAML reads a number without a dot in its mantissa as a string
     return "search.params={train.lr: {grid: [" + ", ".join(f"{lr:.1e}" for lr in lrs) + "]}}"
@@ -481,7 +502,8 @@ def measure_tune(results: Results, sizes: Sizes, data_path: str, work: Path) -> 
     full = runs["none"]
     full_dir = full.cwd / "runs" / "smoke_none"
     results.set("first_result_s", full.first("| cv_rmse_last "),
-                "smoke.yaml (overridden as below), subprocess start to the first pooled line")
+                "smoke.yaml (overridden as below), subprocess start to the first pooled line; "
+                + first_result_breakdown(full))
     report_overhead(results, full, full_dir)
     if sizes.quick:  # two more whole searches: minutes on 2 cores, too long for the test suite's --quick
         for key in ("asha_epoch_fraction", "asha_best_rmse_delta"):
@@ -539,10 +561,15 @@ def hf_search_main(spec: dict) -> None:
             backbone.num_labels = 1
             return BertForSequenceClassification(backbone)
         source, local_only = name_or_dir(config.model.backbone.path)
-        return AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, local_files_only=local_only)
+        dropout = {} if config.model.attention_dropout is None else {
+            "attention_probs_dropout_prob": config.model.attention_dropout}
+        return AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, local_files_only=local_only,
+                                                                  **dropout)
 
+    micro = config.train.micro_batch_size or config.train.batch_size  # raycv's micro-batches: HF's accumulation
     args = TrainingArguments(
-        output_dir=spec["output_dir"], per_device_train_batch_size=config.train.batch_size,
+        output_dir=spec["output_dir"], per_device_train_batch_size=micro,
+        gradient_accumulation_steps=config.train.batch_size // micro, bf16=config.train.precision == "bf16",
         per_device_eval_batch_size=config.train.eval_batch_size, num_train_epochs=config.train.epochs,
         weight_decay=config.train.weight_decay, eval_strategy="no", save_strategy="no", logging_strategy="no",
         report_to="none", disable_tqdm=True, use_cpu=not torch.cuda.is_available(), seed=config.train.seed,
@@ -567,14 +594,17 @@ def measure_hf(results: Results, sizes: Sizes, data_path: str, work: Path, quick
         space, raycv_run = "smoke.yaml", quick_run
     else:
         space = sizes.model_space
-        overrides = [f"data.path={data_path}", f"data.max_rows={sizes.hf_rows}", "model.max_length=256",
-                     "train.batch_size=16", "train.micro_batch_size=8", "train.precision=fp32", *sizes.hf_overrides]
+        # minilm_cpu.yaml's own settings (batch 16 in micro-batches of 8, bf16 autocast, no attention dropout),
+        # which the HF side is given too: the memory figures below are the shipped space's
+        overrides = [f"data.path={data_path}", f"data.max_rows={sizes.hf_rows}", *sizes.hf_overrides]
         raycv_run = None
     config = load_config(space, overrides)
     epochs, folds = config.train.epochs, config.data.num_folds
+    micro = config.train.micro_batch_size or config.train.batch_size
     used = (f"{config.model.backbone.type} backbone, {config.data.max_rows or 'all'} rows, batch "
-            f"{config.train.batch_size}, max_length {config.model.max_length}, {epochs} epoch(s), "
-            f"{len(lrs)} trial(s) each side, fp32 on CPU")
+            f"{config.train.batch_size} (micro-batches of {micro}), max_length {config.model.max_length}, "
+            f"{epochs} epoch(s), {len(lrs)} trial(s) each side, {config.train.precision} on CPU, attention dropout "
+            f"{'the backbone default' if config.model.attention_dropout is None else config.model.attention_dropout}")
     missing = hf_available()
     if raycv_run is None:
         cwd = work / "raycv_minilm"
