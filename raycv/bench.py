@@ -1,7 +1,7 @@
 """`raycv bench`: how raycv compares with what a user would run instead, on this machine, in one sitting.
 
     raycv bench --quick --data ../shared/data/commonlit/train.csv   # every key, roughly, in a minute or two
-    raycv bench --data ../shared/data/commonlit/train.csv           # the full run: over 16 minutes on 2 cores
+    raycv bench --data ../shared/data/commonlit/train.csv           # the full run: about 17 minutes on 2 cores
     raycv bench --gpu                                       # on a GPU: BERT-large tokens/s and MFU, 5 folds on 1 GPU
 
 Every figure is a ratio of runs made side by side in this invocation (A and B alternated, repeated, the
@@ -188,7 +188,7 @@ def say(text: str) -> None:
 
 @dataclass
 class Sizes:
-    """What each measurement runs on. Full: over 16 minutes on 2 cores (the ASHA pair about 11); quick: ~70 s."""
+    """What each measurement runs on. Full: 988 s on 2 idle cores (the ASHA pair about 11 minutes); quick: ~70 s."""
 
     quick: bool
     model_space: str  # the model of the in-process loops and of the HF comparison
