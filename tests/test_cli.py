@@ -58,7 +58,8 @@ def test_validate_shows_rows_folds_tokens_and_parameters(train_csv, capsys):
     )
     assert tokens, report
     assert 200 < int(tokens[1]) < 235 and int(tokens[3]) > 256 and float(tokens[4]) == 100.0
-    assert re.search(r"useful-token fraction at batch 16: length-bucketed 1\.000, fixed padding 1\.000", report)
+    assert re.search(r"useful-token fraction at batch 16: length-bucketed 1\.000 \(widths rounded up to a multiple "
+                     r"of 8\), fixed padding 1\.000", report)
     assert "per fold: 19 steps/epoch x 6 epochs, 6 evaluation points per trial" in report
     params = re.search(r"model: ([\d,]+) parameters \(tiny, pooling cls\)", report)
     assert params and int(params[1].replace(",", "")) == expected_tiny_parameters()
@@ -75,11 +76,16 @@ def expected_tiny_parameters() -> int:
 
 
 def test_validate_reports_padding_at_a_length_that_truncates_less(train_csv, capsys):
-    code, out, _ = run(["validate", SMOKE, f"data.path={train_csv}", *PINNED, "model.max_length=256",
-                        "train.batch_size=8", "--no-model"], capsys)
-    assert code == 0
-    fractions = re.search(r"length-bucketed ([\d.]+), fixed padding ([\d.]+)", out)
-    assert float(fractions[1]) > 0.99 and 0.8 < float(fractions[2]) < 0.9
+    fractions = {}
+    for multiple in (1, 8):
+        code, out, _ = run(["validate", SMOKE, f"data.path={train_csv}", *PINNED, "model.max_length=256",
+                            "train.batch_size=8", f"train.pad_to_multiple_of={multiple}", "--no-model"], capsys)
+        assert code == 0
+        found = re.search(rf"length-bucketed ([\d.]+) \(widths rounded up to a multiple of {multiple}\), "
+                          r"fixed padding ([\d.]+)", out)
+        fractions[multiple] = float(found[1]), float(found[2])
+    assert fractions[1][0] > 0.99 and 0.98 < fractions[8][0] < fractions[1][0]  # rounding up costs a little
+    assert fractions[1][1] == fractions[8][1] and 0.8 < fractions[1][1] < 0.9
     assert "parameters" not in out.split("\n---\n")[1]
 
 
