@@ -282,9 +282,9 @@ def measure_loops(results: Results, sizes: Sizes, data_path: str) -> None:
     batch = config.train.batch_size
     rng = np.random.default_rng(0)
     multiple = config.train.pad_to_multiple_of
-    useful = useful_token_fraction(lengths, bucketed_batches(lengths, batch, np.random.default_rng(0)), multiple,
-                                   config.model.max_length)
-    exact = useful_token_fraction(lengths, bucketed_batches(lengths, batch, np.random.default_rng(0)))
+    bucketed = bucketed_batches(lengths, batch, np.random.default_rng(0))
+    useful = useful_token_fraction(lengths, bucketed, multiple, config.model.max_length)
+    exact = useful_token_fraction(lengths, bucketed)
     fixed_useful = float(lengths.sum() / (len(lengths) * config.model.max_length))
     results.set("useful_token_fraction", useful,
                 f"{len(lengths)} rows, widths rounded up to a multiple of {multiple} (train.pad_to_multiple_of; "
@@ -613,7 +613,7 @@ def measure_hf(results: Results, sizes: Sizes, data_path: str, work: Path, quick
                                                    lr_grid(lrs), "run.name=bench_minilm"], cwd, timeout=900)
     run_dir = raycv_run.cwd / "runs" / ("smoke_none" if sizes.quick else "bench_minilm")
     rss_used = f"{config.model.backbone.type} backbone, batch {config.train.batch_size} (micro-batches of " \
-               f"{config.train.micro_batch_size or config.train.batch_size}), max_length {config.model.max_length}, " \
+               f"{micro}), max_length {config.model.max_length}, " \
                f"CPU, {folds} fold workers"
     rss_from_curves(results, run_dir, rss_used)
     if sizes.quick:  # a whole Hugging Face search: minutes on 2 cores, too long for the test suite's --quick
