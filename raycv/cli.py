@@ -84,6 +84,11 @@ def build_parser() -> Parser:
     return parser
 
 
+def one_line(problem: str) -> str:
+    """A problem as one line, whatever it quotes: a key or a value read from a file may hold a line break."""
+    return problem.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -100,11 +105,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return getattr(commands, args.command.replace("-", "_"))(args) or 0
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"raycv: error: {exc.source}: {problem}", file=sys.stderr)
+        for line in exc.lines():
+            print(f"raycv: error: {one_line(line)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except RaycvError as exc:
-        print(f"raycv: error: {exc}", file=sys.stderr)
+        print(f"raycv: error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("raycv: interrupted", file=sys.stderr)

@@ -9,12 +9,13 @@ would produce. Relative paths resolve against the YAML's folder, then the workin
 
 from __future__ import annotations
 
+import codecs
 import copy
 import difflib
 from pathlib import Path
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from raycv import RaycvError
 from raycv.config import (
@@ -35,9 +36,14 @@ BUNDLED_SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 class ConfigError(RaycvError):
     """Every problem found in one search space; `problems` holds one line per problem."""
 
-    def __init__(self, source: str, problems: list[str]):
+    def __init__(self, source: str | None, problems: list[str]):
+        # source None: each problem names its own file or flag (problems of several inputs at once)
         self.source, self.problems = source, problems
-        super().__init__(f"{source}: " + " | ".join(problems))
+        super().__init__((f"{source}: " if source else "") + " | ".join(problems))
+
+    def lines(self) -> list[str]:
+        """One line per problem, each naming the file it is in."""
+        return [(f"{self.source}: " if self.source else "") + problem for problem in self.problems]
 
 
 def resolve_space_path(arg: str | Path) -> Path:
@@ -56,24 +62,13 @@ def load_config(space: str | Path, overrides: list[str] | tuple[str, ...] = (), 
     model_files: also require the backbone's files (not for what needs only the data, like folds)."""
     path = resolve_space_path(space)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(str(path), [f"not valid YAML{where}: {getattr(exc, 'problem', exc)}"]) from None
+        raw = parse_yaml(decode_text(path.read_bytes())) or {}
+    except (OSError, ValueError) as exc:  # unreadable, not UTF-8/UTF-16, or not YAML
+        raise ConfigError(str(path), [str(exc)]) from None
     if not isinstance(raw, dict):
         raise ConfigError(str(path), [f"expected a mapping of sections at the top, found {type(raw).__name__}"])
-    problems = []
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        try:
-            if not sep or not key:
-                raise ValueError("expected key=value, e.g. train.lr=3e-5")
-            set_dotted(raw, key.strip(), yaml.safe_load(text) if text else None)
-        except ValueError as exc:
-            problems.append(f"override {item!r}: {exc}")
-    if problems:
-        raise ConfigError(str(path), problems)
+    # A malformed override is reported with the file's other problems: every problem at once.
+    problems = apply_overrides(raw, overrides)
     # Paths are resolved first, so the one validation gives the final Config; their problems come last.
     path_problems = _resolve_paths(raw, path, model_files)
     try:
@@ -81,7 +76,7 @@ def load_config(space: str | Path, overrides: list[str] | tuple[str, ...] = (), 
     except ValidationError as exc:
         config, file_errors = None, exc.errors()
     # The search and path checks run even when the file has other errors: every problem at once.
-    problems = describe_errors(file_errors) + _check_search(raw, file_errors) + path_problems
+    problems += describe_errors(file_errors) + _check_search(raw, file_errors) + path_problems
     if problems:
         raise ConfigError(str(path), problems)
     run = config.run
@@ -94,6 +89,79 @@ def load_config(space: str | Path, overrides: list[str] | tuple[str, ...] = (), 
     elif "://" not in run.storage_path:
         run.storage_path = str(Path(run.storage_path).resolve())
     return config
+
+
+def decode_text(data: bytes) -> str:
+    """A YAML file's bytes as text: UTF-8 (a BOM is allowed) or UTF-16 with its BOM, as YAML allows;
+    anything else is a ValueError that says where the first bad byte is."""
+    encoding = "utf-16" if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "utf-8-sig"
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ValueError(f"not {encoding.removesuffix('-sig').upper()} text: byte {data[exc.start]:#04x} at line "
+                         f"{line} ({exc.reason}); save the file as UTF-8") from None
+
+
+def parse_yaml(text: str):
+    """yaml.safe_load, its errors as one-line ValueErrors: what is wrong and on which line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"not valid YAML{where}: {what}") from None
+    except (ValueError, TypeError, RecursionError) as exc:  # e.g. a date such as 2024-13-45
+        raise ValueError(f"not valid YAML: {exc}") from None
+
+
+def discriminator_keys(model: type = Config, prefix: str = "") -> list[str]:
+    """Dotted keys that pick a section's type in a discriminated union (model.backbone.type): setting one to
+    another type replaces the section's other keys instead of merging into them."""
+    keys = []
+    for name, field in model.model_fields.items():
+        if field.discriminator:
+            keys.append(f"{prefix}{name}.{field.discriminator}")
+        elif isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            keys += discriminator_keys(field.annotation, f"{prefix}{name}.")
+    return keys
+
+
+SWITCH_KEYS = discriminator_keys()
+
+
+def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """Set each `key=value` in `raw` (the value read as YAML); returns one problem per malformed override.
+
+    A key that switches a section's type (model.backbone.type=pretrained over a structbert backbone) keeps
+    only the keys other overrides give for the section: the old type's keys belong to no other type."""
+    problems, given = [], set()
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        try:
+            if not sep or not key:
+                raise ValueError("expected key=value, e.g. train.lr=3e-5")
+            value = parse_yaml(text) if text else None
+            if key in SWITCH_KEYS:
+                _switch_type(raw, key, value, given)
+            set_dotted(raw, key, value)
+            given.add(key)
+        except ValueError as exc:
+            problems.append(f"override {item!r}: {exc}")
+    return problems
+
+
+def _switch_type(raw: dict, key: str, value, given: set[str]) -> None:
+    *parents, field = key.split(".")
+    section = _section(raw, *parents)
+    if field not in section or section[field] == value:
+        return
+    prefix = ".".join(parents) + "."
+    keep = {name: section[name] for name in section if prefix + str(name) in given}
+    section.clear()
+    section.update(keep)
 
 
 def describe_errors(errors: ValidationError | list[dict]) -> list[str]:
@@ -146,6 +214,8 @@ def _check_search(raw: dict, file_errors: list[dict]) -> list[str]:
         problems.append("search.algorithm: optuna needs at least one key under search.params to choose values "
                         "for; add one or use search.algorithm=random")
     for key, dim_raw in _section(raw, "search", "params").items():
+        if not isinstance(key, str):
+            continue  # the file's validation says keys must be text
         try:
             dim = Dimension.model_validate(dim_raw)
         except ValidationError:

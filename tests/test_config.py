@@ -120,12 +120,28 @@ def test_an_unknown_key_without_a_near_name_lists_the_known_keys(tiny_space):
 
 
 def test_keys_of_another_backbone_type_list_the_keys_of_the_type_given(tiny_space):
-    # The tiny space's backbone keys, with the type switched to pretrained.
-    problems = problems_of(tiny_space(), ["model.backbone.type=pretrained", "model.backbone.path=minilm-l6"])
-    assert problems == [
-        f"model.backbone.{key}: unknown key; known keys: type, path"
-        for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size")
-    ]
+    # A file that gives a tiny backbone's keys to a pretrained one.
+    backbone = {"type": "pretrained", "path": "minilm-l6", "hidden_size": 32, "num_layers": 2}
+    problems = problems_of(tiny_space({"model": {"backbone": backbone}}))
+    assert problems == [f"model.backbone.{key}: unknown key; known keys: type, path"
+                        for key in ("hidden_size", "num_layers")]
+
+
+def test_an_override_that_switches_the_backbone_type_drops_the_old_types_keys(tiny_space):
+    """Issue 17: model.backbone.type=pretrained over the tiny space's backbone keeps only the keys the
+    overrides give (before or after the switch), not hidden_size and the rest."""
+    from raycv.spaces import SWITCH_KEYS
+
+    assert SWITCH_KEYS == ["model.backbone.type"]  # every discriminated union of the schema
+    config = load_config(tiny_space(), ["model.backbone.type=pretrained", "model.backbone.path=minilm-l6"])
+    assert config.model.backbone.model_dump() == {"type": "pretrained", "path": "minilm-l6"}
+    config = load_config(tiny_space(), ["model.backbone.path=minilm-l6", "model.backbone.type=pretrained"])
+    assert config.model.backbone.model_dump() == {"type": "pretrained", "path": "minilm-l6"}
+    # The same type again merges as any other key does; a switch back to tiny takes tiny's defaults.
+    assert load_config(tiny_space(), ["model.backbone.type=tiny"]).model.backbone.hidden_size == 32
+    config = load_config(tiny_space(), ["model.backbone.type=pretrained", "model.backbone.type=tiny",
+                                        "model.backbone.num_layers=1"])
+    assert config.model.backbone.num_layers == 1 and config.model.backbone.intermediate_size == 64
 
 
 def test_every_problem_in_a_file_is_reported_at_once(tiny_space, tmp_path):
