@@ -9,6 +9,7 @@ without shuffle on the bins. With seed 1000 and k 5 on Kaggle's 2,834 rows: 567/
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 
 from raycv import RaycvError
 from raycv.config import DataConfig, default_num_bins
+from raycv.spaces import ConfigError
 
 REQUIRED = ("id_column", "text_column", "target_column")
 
@@ -54,14 +56,17 @@ def _read_csv(data: DataConfig, with_target: bool) -> pd.DataFrame:
         rows["id"].notna() & (rows["id"] != ""), "line " + (raw.index + 2).astype(str)
     )
 
+    problems = []  # every kind of bad row at once, one line each
+
     def refuse(mask: pd.Series, what: str):
         if mask.any():
             names = row_names[mask].tolist()
             shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-            raise RaycvError(f"{data.path}: {mask.sum()} row(s) with {what}: {shown}")
+            problems.append(f"{mask.sum()} row(s) with {what}: {shown}")
 
-    refuse(rows["id"].isna() | (rows["id"].str.strip() == ""), f"an empty {data.id_column}")
-    refuse(rows["id"].duplicated(keep=False), f"a duplicate {data.id_column}")
+    empty_id = rows["id"].isna() | (rows["id"].str.strip() == "")
+    refuse(empty_id, f"an empty {data.id_column}")
+    refuse(rows["id"].duplicated(keep=False) & ~empty_id, f"a duplicate {data.id_column}")
     is_text = rows["text"].map(lambda value: isinstance(value, str) and value.strip() != "")
     refuse(~is_text, f"an empty or non-text {data.text_column}")
     rows["id"] = rows["id"].astype(str)
@@ -71,21 +76,60 @@ def _read_csv(data: DataConfig, with_target: bool) -> pd.DataFrame:
             f"a missing or non-finite {data.target_column}",
         )
         rows["target"] = rows["target"].astype(float)
+    if problems:
+        raise ConfigError(str(data.path), problems)
     return rows
+
+
+def check_fold_settings(rows: pd.DataFrame, data: DataConfig) -> list[str]:
+    """data.max_rows, data.num_folds and data.num_bins against the rows read, before anything is cut: the
+    stratified sample needs a row of every target bin in it and out of it, and each fold about a row of
+    every bin (so at most rows / num_folds bins)."""
+    problems, total = [], len(rows)
+    kept = total if data.max_rows is None else min(data.max_rows, total)
+    if data.max_rows is not None and data.max_rows < total:
+        bins = len(np.unique(sample_bins(rows["target"], data.num_bins)))
+        if data.max_rows < bins:
+            problems.append(f"data.max_rows: a sample of {data.max_rows} rows cannot hold one row of each of the "
+                            f"{bins} target bins it is stratified on; raise data.max_rows to {bins} or more, or "
+                            "lower data.num_bins")
+        elif total - data.max_rows < bins:
+            problems.append(f"data.max_rows: {data.max_rows} of the data's {total} rows leaves {total - data.max_rows} "
+                            f"out, fewer than the {bins} target bins the sample is stratified on; use every row "
+                            f"(data.max_rows=null) or at most {total - bins}")
+    if kept < 2 * data.num_folds:
+        problems.append(f"data.num_folds: {data.num_folds} folds need at least {2 * data.num_folds} rows, the data "
+                        f"has {kept}; lower data.num_folds or raise data.max_rows")
+    elif data.num_bins is not None and data.num_bins > kept // data.num_folds:
+        problems.append(f"data.num_bins: {data.num_bins} target bins for {kept} rows in {data.num_folds} folds "
+                        f"leave fewer rows per bin than folds; use at most {kept // data.num_folds} (or leave it "
+                        f"out: floor(1 + log2 N) = {default_num_bins(kept)})")
+    elif kept == total:
+        counts = np.bincount(target_bins(rows["target"], data.num_bins))
+        if counts.max() < data.num_folds:
+            problems.append(f"data.num_folds: {data.num_folds} stratified folds need a target bin of at least "
+                            f"{data.num_folds} rows; the largest of the {len(counts)} bins holds {counts.max()}; "
+                            "lower data.num_folds or data.num_bins")
+    return problems
 
 
 def target_bins(target: pd.Series, num_bins: int | None) -> np.ndarray:
     return pd.cut(target, bins=num_bins or default_num_bins(len(target)), labels=False).to_numpy()
 
 
+def sample_bins(target: pd.Series, num_bins: int | None) -> np.ndarray:
+    """The target bins a stratified sample keeps the shares of: bins too small to split (one row) are
+    merged into the largest, so stratification stays possible."""
+    bins = target_bins(target, num_bins)
+    counts = np.bincount(bins)
+    return np.where(counts[bins] < 2, np.argmax(counts), bins)
+
+
 def sample_rows(rows: pd.DataFrame, max_rows: int, seed: int, num_bins: int | None = None) -> pd.DataFrame:
     """A stratified sample (on target bins) of `max_rows` rows, for quick runs; not the first N rows."""
     if max_rows >= len(rows):
         return rows
-    bins = target_bins(rows["target"], num_bins)
-    counts = np.bincount(bins)
-    # Bins too small to split are merged into their neighbour so stratification stays possible.
-    bins = np.where(counts[bins] < 2, np.argmax(counts), bins)
+    bins = sample_bins(rows["target"], num_bins)
     from sklearn.model_selection import train_test_split  # here, not at the top: see assign_folds
 
     sample, _ = train_test_split(rows, train_size=max_rows, stratify=bins, random_state=seed)
@@ -94,9 +138,6 @@ def sample_rows(rows: pd.DataFrame, max_rows: int, seed: int, num_bins: int | No
 
 def assign_folds(rows: pd.DataFrame, num_folds: int, seed: int, num_bins: int | None = None) -> pd.DataFrame:
     """The fork's recipe: shuffled rows with a `fold` column (0..k-1), in the shuffled order."""
-    if len(rows) < 2 * num_folds:
-        raise RaycvError(f"data.num_folds: {num_folds} folds need at least {2 * num_folds} rows, the data has "
-                         f"{len(rows)}; lower data.num_folds or raise data.max_rows")
     shuffled = rows.sample(frac=1, random_state=seed).reset_index(drop=True)
     bins = target_bins(shuffled["target"], num_bins)
     shuffled["fold"] = -1
@@ -105,18 +146,25 @@ def assign_folds(rows: pd.DataFrame, num_folds: int, seed: int, num_bins: int | 
     from sklearn.model_selection import StratifiedKFold
 
     splitter = StratifiedKFold(n_splits=num_folds)
-    try:
-        for fold, (_, valid_idx) in enumerate(splitter.split(X=shuffled, y=bins)):
-            shuffled.loc[valid_idx, "fold"] = fold
-    except ValueError as exc:  # scikit-learn: no target bin holds num_folds rows
-        raise RaycvError(f"data.num_folds: {num_folds} stratified folds cannot be cut from these target bins "
-                         f"({exc}); lower data.num_folds or data.num_bins") from None
+    with warnings.catch_warnings():
+        # The fork's bins are equal-width: the extreme ones hold a row or two, fewer than the folds (Kaggle's
+        # data with its 12 default bins too). StratifiedKFold says so and spreads them as it can; expected.
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        try:
+            for fold, (_, valid_idx) in enumerate(splitter.split(X=shuffled, y=bins)):
+                shuffled.loc[valid_idx, "fold"] = fold
+        except ValueError as exc:  # scikit-learn: no target bin holds num_folds rows (check_fold_settings)
+            raise RaycvError(f"data.num_folds: {num_folds} stratified folds cannot be cut from these target "
+                             f"bins ({exc}); lower data.num_folds or data.num_bins") from None
     return shuffled
 
 
 def load_folds(data: DataConfig) -> pd.DataFrame:
     """Read, optionally sample, and assign folds: the one table every fold and trial shares."""
     rows = read_rows(data)
+    problems = check_fold_settings(rows, data)
+    if problems:
+        raise ConfigError(str(data.path), problems)
     if data.max_rows is not None:
         rows = sample_rows(rows, data.max_rows, data.fold_seed, data.num_bins)
     return assign_folds(rows, data.num_folds, data.fold_seed, data.num_bins)

@@ -27,7 +27,7 @@ from raycv.data import (
     useful_token_fraction,
 )
 from raycv.model import load_tokenizer
-from raycv.spaces import load_config
+from raycv.spaces import ConfigError, load_config
 
 from helpers import SPACES_DIR
 
@@ -233,8 +233,52 @@ def test_many_bad_rows_are_counted_not_all_listed(small_csv, tmp_path):
 
 def test_too_few_rows_for_the_folds_are_refused(small_csv, tmp_path):
     data, _ = small_csv(tmp_path / "g.csv", lambda df: df.head(9), num_folds=5)
-    with pytest.raises(RaycvError, match=r"^data.num_folds: 5 folds need at least 10 rows, the data has 9; "):
+    assert refusal(data) == (f"{data.path}: data.num_folds: 5 folds need at least 10 rows, the data has 9; "
+                             "lower data.num_folds or raise data.max_rows")
+
+
+@pytest.mark.parametrize("settings, expected", [
+    # Issue 16: each of these was a scikit-learn traceback, raised while the rows were being cut.
+    ({"num_bins": 5000, "max_rows": 450},
+     ["data.max_rows: a sample of 450 rows cannot hold one row of each of the 650 target bins it is stratified on; "
+      "raise data.max_rows to 650 or more, or lower data.num_bins",
+      "data.num_bins: 5000 target bins for 450 rows in 5 folds leave fewer rows per bin than folds; use at most 90 "
+      "(or leave it out: floor(1 + log2 N) = 9)"]),
+    ({"max_rows": 2830},
+     ["data.max_rows: 2830 of the data's 2834 rows leaves 4 out, fewer than the 12 target bins the sample is "
+      "stratified on; use every row (data.max_rows=null) or at most 2822"]),
+    ({"max_rows": 20, "num_bins": 12, "num_folds": 3},
+     ["data.num_bins: 12 target bins for 20 rows in 3 folds leave fewer rows per bin than folds; use at most 6 "
+      "(or leave it out: floor(1 + log2 N) = 5)"]),
+    ({"num_bins": 3000},
+     ["data.num_bins: 3000 target bins for 2834 rows in 5 folds leave fewer rows per bin than folds; use at most "
+      "566 (or leave it out: floor(1 + log2 N) = 12)"]),
+], ids=["bins-beyond-the-sample", "max-rows-leaves-too-few-out", "bins-beyond-rows-per-fold", "bins-beyond-rows"])
+def test_data_dependent_settings_are_checked_against_the_data_before_cutting(train_csv, settings, expected):
+    data = DataConfig(path=str(train_csv), **settings)
+    with pytest.raises(ConfigError) as info:
         load_folds(data)
+    assert info.value.lines() == [f"{train_csv}: {line}" for line in expected]
+
+
+def test_a_stratified_split_with_a_bin_smaller_than_the_folds_is_silent(train_csv, recwarn):
+    """Kaggle's rows in the fork's 12 equal-width bins: the extreme bins hold fewer rows than folds, as in the
+    fork; scikit-learn's warning about it is expected and not shown."""
+    table = load_folds(DataConfig(path=str(train_csv), num_folds=5))
+    assert table["fold"].value_counts().tolist() == [567, 567, 567, 567, 566]
+    assert not [w for w in recwarn if "least populated" in str(w.message)]
+
+
+def test_every_kind_of_bad_row_at_once(small_csv, tmp_path):
+    data, df = small_csv(tmp_path / "k.csv", lambda df: df.assign(id=[""] + list(df["id"][1:29]) + [df["id"][1]],
+                                                                  excerpt=["  "] * 2 + list(df["excerpt"][2:])))
+    with pytest.raises(ConfigError) as info:
+        load_folds(data)
+    assert info.value.problems == [
+        "1 row(s) with an empty id: line 2",
+        f"2 row(s) with a duplicate id: {df['id'][1]}, {df['id'][1]}",
+        f"2 row(s) with an empty or non-text excerpt: line 2, {df['id'][1]}",
+    ]
 
 
 def test_a_file_that_is_not_csv_is_refused(tmp_path):
