@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from raycv import RaycvError
+from raycv import RaycvError, storage
 from raycv.config import Config, StructBertBackbone
 from raycv.data import EncodedFolds, encode_folds
 from raycv.model import backbone_config, load_tokenizer, read_structbert_config, read_structbert_state_dict
@@ -56,28 +56,35 @@ def preflight(config: Config, source: str) -> Plan:
     def backbone_key(trial: Config) -> str:
         return json.dumps(trial.model.backbone.model_dump(), sort_keys=True)
 
-    for where, trial in drawn:
+    def model_problems(trial: Config) -> list[str]:
         try:
             if backbone_key(trial) not in tokenizers:
                 tokenizers[backbone_key(trial)] = load_tokenizer(trial.model)
-            problems += [where + p for p in check_model(trial, tokenizers[backbone_key(trial)])]
+            return check_model(trial, tokenizers[backbone_key(trial)])
         except RaycvError as exc:
-            problems.append(f"{where}{exc}")
+            return [str(exc)]
+
+    problems += per_drawn_config(drawn, model_problems)
     if backbone_key(config) not in tokenizers:  # the file's own tokenizer failed: said above, once
         raise ConfigError(source, list(dict.fromkeys(problems)))
     try:
         encoded = encode_folds(config, tokenizers[backbone_key(config)])
+    except ConfigError as exc:  # the data's problems, each naming its file
+        raise ConfigError(source, problems + exc.lines()) from None
     except RaycvError as exc:
         raise ConfigError(source, problems + [str(exc)]) from None
     valid_sizes = encoded.table["fold"].value_counts().sort_index().tolist()
     num_points = trial_eval_points(config.train, encoded.table["fold"])
     train_rows = len(encoded.table) - max(valid_sizes)
-    for where, trial in drawn:
+
+    def step_problems(trial: Config) -> list[str]:
         total = trial.train.epochs * steps_per_epoch(train_rows, trial.train.batch_size)
-        if total < num_points:
-            problems.append(f"{where}train.batch_size: {trial.train.batch_size} leaves {total} training steps "
-                            f"per fold, fewer than the {num_points} evaluation points of a trial; lower it or "
-                            "train longer")
+        if total >= num_points:
+            return []
+        return [f"train.batch_size: {trial.train.batch_size} leaves {total} training steps per fold, fewer than "
+                f"the {num_points} evaluation points of a trial; lower it or train longer"]
+
+    problems += per_drawn_config(drawn, step_problems)
     max_t = config.scheduler.max_t or num_points
     if max_t > num_points:
         problems.append(f"scheduler.max_t: {max_t} is more than the {num_points} evaluation points of a trial; "
@@ -88,6 +95,16 @@ def preflight(config: Config, source: str) -> Plan:
     if problems:
         raise ConfigError(source, list(dict.fromkeys(problems)))
     return Plan(encoded=encoded, num_points=num_points, max_t=max_t, valid_sizes=valid_sizes)
+
+
+def per_drawn_config(drawn: list[tuple[str, Config]], check) -> list[str]:
+    """`check(config)` for the file's config and each drawn one; a drawn value's problem only where that value
+    causes it (the file's config does not have the same problem), so one problem is one line."""
+    base = check(drawn[0][1])
+    problems = list(base)
+    for where, trial in drawn[1:]:
+        problems += [where + problem for problem in check(trial) if problem not in base]
+    return problems
 
 
 def check_model(config: Config, tokenizer) -> list[str]:
@@ -163,10 +180,14 @@ def check_mlflow_store(tracking_uri: str) -> list[str]:
 
 
 def check_output_paths(config: Config) -> list[str]:
-    """run.output_dir (and a local run.storage_path) must be a directory raycv can create and write."""
+    """run.output_dir (and a local run.storage_path) must be a directory raycv can create and write; a bucket
+    (s3://...) must take a small object, written and deleted with short timeouts, before Ray starts."""
     problems = []
     paths = [("run.output_dir", config.run.output_dir)]
-    if config.run.storage_path and "://" not in config.run.storage_path:
+    if config.run.storage_path and storage.is_remote(config.run.storage_path):
+        unwritable = storage.probe(config.run.storage_path)  # one line, or None
+        problems += [unwritable] if unwritable else []
+    elif config.run.storage_path:
         paths.append(("run.storage_path", config.run.storage_path))
     for key, value in paths:
         path = Path(value)

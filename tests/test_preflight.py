@@ -206,3 +206,34 @@ def test_a_memory_kill_says_how_much_the_worker_held_and_what_to_change():
     assert "\n" not in line and len(line) < 300
     assert line.startswith("fold 3: killed by Ray's memory monitor: the worker held 4.3 GB")
     assert "22.4 of 23.5 GB" in line and "train.batch_size" in line
+
+
+@pytest.mark.parametrize("backbone", ["short_bert_dir", "small_vocab_structbert"])
+def test_a_problem_no_searched_value_causes_is_one_line(backbone, tiny_space, capsys, short_bert_dir,
+                                                        small_vocab_structbert):
+    """Issue 16: a backbone's problem was said once for the file's config and again for every value the
+    search can draw (5 lines for one problem)."""
+    overrides = {"short_bert_dir": ["model.backbone={type: pretrained, path: " + str(short_bert_dir) + "}",
+                                    "model.max_length=256"],
+                 "small_vocab_structbert": structbert(small_vocab_structbert)}[backbone]
+    search = "search.params={train.lr: {grid: [1.0e-4, 3.0e-3]}, train.seed: {randint: [0, 100]}}"
+    assert main(["validate", str(tiny_space()), *overrides, search, "--no-model"]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    expected = {"short_bert_dir": "model.max_length: 256 is more than the backbone's 128 position embeddings",
+                "small_vocab_structbert": "model.backbone: the tokenizer has 30522 tokens but the embedding table "
+                                          "1000 rows"}[backbone]
+    assert line.startswith(f"raycv: error: {tiny_space()}: {expected}"), line
+
+
+def test_a_searched_value_that_causes_a_problem_is_named(tiny_space, capsys, short_bert_dir):
+    backbone = "model.backbone={type: pretrained, path: " + str(short_bert_dir) + "}"
+    search = "search.params={model.max_length: {grid: [64, 256]}, train.lr: {grid: [1.0e-4, 3.0e-3]}}"
+    assert main(["validate", str(tiny_space()), backbone, "model.max_length=64", search, "--no-model"]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line == (f"raycv: error: {tiny_space()}: search.params.model.max_length.grid value 256: "
+                    "model.max_length: 256 is more than the backbone's 128 position embeddings; lower it")
+    # The file's own value out of range and a drawn one: two problems, two lines.
+    assert main(["validate", str(tiny_space()), backbone, "model.max_length=200", search, "--no-model"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    keys = [line.split(": ", 4)[3] for line in lines]  # raycv: error: FILE: KEY: ...
+    assert keys == ["model.max_length", "search.params.model.max_length.grid value 256"]
