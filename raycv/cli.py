@@ -20,7 +20,6 @@ import logging
 import sys
 
 from raycv import RaycvError
-from raycv.spaces import ConfigError
 
 EXIT_BAD_INPUT = 2
 
@@ -104,12 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         from raycv import commands
 
         return getattr(commands, args.command.replace("-", "_"))(args) or 0
-    except ConfigError as exc:
-        for line in exc.lines():
+    except RaycvError as exc:  # a ConfigError or DataError holds several problems, one line each
+        for line in exc.lines() if hasattr(exc, "lines") else [str(exc)]:
             print(f"raycv: error: {one_line(line)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except RaycvError as exc:
-        print(f"raycv: error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("raycv: interrupted", file=sys.stderr)

@@ -18,9 +18,19 @@ import torch
 
 from raycv import RaycvError
 from raycv.config import DataConfig, default_num_bins
-from raycv.spaces import ConfigError
 
 REQUIRED = ("id_column", "text_column", "target_column")
+
+
+class DataError(RaycvError):
+    """Every problem found in one data file (bad rows, settings the rows cannot take): one line each."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source, self.problems = source, problems
+        super().__init__(" | ".join(self.lines()))
+
+    def lines(self) -> list[str]:
+        return [f"{self.source}: {problem}" for problem in self.problems]
 
 
 def read_rows(data: DataConfig) -> pd.DataFrame:
@@ -77,7 +87,7 @@ def _read_csv(data: DataConfig, with_target: bool) -> pd.DataFrame:
         )
         rows["target"] = rows["target"].astype(float)
     if problems:
-        raise ConfigError(str(data.path), problems)
+        raise DataError(str(data.path), problems)
     return rows
 
 
@@ -164,7 +174,7 @@ def load_folds(data: DataConfig) -> pd.DataFrame:
     rows = read_rows(data)
     problems = check_fold_settings(rows, data)
     if problems:
-        raise ConfigError(str(data.path), problems)
+        raise DataError(str(data.path), problems)
     if data.max_rows is not None:
         rows = sample_rows(rows, data.max_rows, data.fold_seed, data.num_bins)
     return assign_folds(rows, data.num_folds, data.fold_seed, data.num_bins)

@@ -22,7 +22,7 @@ import torch
 
 from raycv import RaycvError, storage
 from raycv.config import Config, StructBertBackbone
-from raycv.data import EncodedFolds, encode_folds
+from raycv.data import DataError, EncodedFolds, encode_folds
 from raycv.model import backbone_config, load_tokenizer, read_structbert_config, read_structbert_state_dict
 from raycv.spaces import ConfigError
 from raycv.train_fold import steps_per_epoch, trial_eval_points
@@ -69,7 +69,7 @@ def preflight(config: Config, source: str) -> Plan:
         raise ConfigError(source, list(dict.fromkeys(problems)))
     try:
         encoded = encode_folds(config, tokenizers[backbone_key(config)])
-    except ConfigError as exc:  # the data's problems, each naming its file
+    except DataError as exc:  # the data's problems, each naming its file
         raise ConfigError(source, problems + exc.lines()) from None
     except RaycvError as exc:
         raise ConfigError(source, problems + [str(exc)]) from None

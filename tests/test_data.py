@@ -14,6 +14,7 @@ from sklearn.model_selection import StratifiedKFold
 from raycv import RaycvError
 from raycv.config import DataConfig, ModelConfig
 from raycv.data import (
+    DataError,
     assign_folds,
     bucketed_batches,
     collate,
@@ -27,7 +28,7 @@ from raycv.data import (
     useful_token_fraction,
 )
 from raycv.model import load_tokenizer
-from raycv.spaces import ConfigError, load_config
+from raycv.spaces import load_config
 
 from helpers import SPACES_DIR
 
@@ -256,7 +257,7 @@ def test_too_few_rows_for_the_folds_are_refused(small_csv, tmp_path):
 ], ids=["bins-beyond-the-sample", "max-rows-leaves-too-few-out", "bins-beyond-rows-per-fold", "bins-beyond-rows"])
 def test_data_dependent_settings_are_checked_against_the_data_before_cutting(train_csv, settings, expected):
     data = DataConfig(path=str(train_csv), **settings)
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(DataError) as info:
         load_folds(data)
     assert info.value.lines() == [f"{train_csv}: {line}" for line in expected]
 
@@ -272,7 +273,7 @@ def test_a_stratified_split_with_a_bin_smaller_than_the_folds_is_silent(train_cs
 def test_every_kind_of_bad_row_at_once(small_csv, tmp_path):
     data, df = small_csv(tmp_path / "k.csv", lambda df: df.assign(id=[""] + list(df["id"][1:29]) + [df["id"][1]],
                                                                   excerpt=["  "] * 2 + list(df["excerpt"][2:])))
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(DataError) as info:
         load_folds(data)
     assert info.value.problems == [
         "1 row(s) with an empty id: line 2",
