@@ -6,15 +6,20 @@ Human output lives here (and in the Tune driver): the library modules only log.
 from __future__ import annotations
 
 import shlex
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
 
 from raycv import RaycvError
 from raycv.config import dump_yaml
-from raycv.spaces import load_config, resolve_space_path
+from raycv.spaces import ConfigError, load_config, resolve_space_path
 from raycv.storage import write_atomic, write_text_atomic
+
+T = TypeVar("T")
 
 
 def validate(args) -> int:
@@ -68,9 +73,12 @@ def validate(args) -> int:
 def folds(args) -> int:
     from raycv.data import load_folds
 
-    config = load_config(args.space, args.overrides, model_files=False)  # folds need only the data
-    table = load_folds(config.data)
     out = Path(args.out)
+    problems = output_problems("--out", out)
+    config = attempt(problems, lambda: load_config(args.space, args.overrides, model_files=False))  # data only
+    table = attempt(problems, lambda: load_folds(config.data)) if config else None
+    if problems:
+        raise ConfigError(None, problems)
     write_atomic(out, lambda tmp: table[["id", "fold"]].to_csv(tmp, index=False))
     sizes = table["fold"].value_counts().sort_index().tolist()
     print(f"wrote {out}: {len(table)} rows, folds {'/'.join(map(str, sizes))}")
@@ -83,14 +91,20 @@ def train_fold(args) -> int:
     from raycv.train_fold import split_fold
     from raycv.train_fold import train_fold as run_fold
 
-    config = load_config(args.space, args.overrides)
+    problems = output_problems("--out-dir", Path(args.out_dir), FOLD_FILES) if args.out_dir else []
+    config = attempt(problems, lambda: load_config(args.space, args.overrides))
+    if config is None:
+        raise ConfigError(None, problems)
     if not 0 <= args.fold < config.data.num_folds:
-        raise RaycvError(
-            f"--fold {args.fold} is out of range; "
-            f"data.num_folds is {config.data.num_folds} (0..{config.data.num_folds - 1})"
-        )
+        problems.insert(0, f"--fold {args.fold} is out of range; "
+                           f"data.num_folds is {config.data.num_folds} (0..{config.data.num_folds - 1})")
     out_dir = Path(args.out_dir or Path(config.run.output_dir) / "train_fold" / f"fold_{args.fold}")
-    data = split_fold(preflight(config, str(resolve_space_path(args.space))).encoded, args.fold)
+    if not args.out_dir:
+        problems += output_problems("run.output_dir", out_dir, FOLD_FILES)
+    plan = attempt(problems, lambda: preflight(config, str(resolve_space_path(args.space))))
+    if problems:
+        raise ConfigError(None, problems)
+    data = split_fold(plan.encoded, args.fold)
     print(f"fold {args.fold}: {len(data.train_ids)} training rows, {len(data.valid_ids)} validation rows, "
           f"batch {config.train.batch_size}, {config.train.epochs} epochs")
     result = run_fold(config, data, on_eval=lambda point, _: print(fold_line(point), flush=True))
@@ -143,17 +157,57 @@ def predict(args) -> int:
     from raycv.predict import predict_texts
     from raycv.report import build_report, load_run
 
-    run_dir = Path(args.run_dir)
-    report = build_report(load_run(run_dir))
+    run_dir, out = Path(args.run_dir), Path(args.out)
+    problems = output_problems("--out", out)
+    report = attempt(problems, lambda: build_report(load_run(run_dir)))
+    if problems:
+        raise ConfigError(None, problems)
     trials = [report["best_trial"]] if args.trials == "best" else report["top_k_ensemble"]["trials"]
     if not [t for t in trials if t]:
         raise RaycvError(f"{run_dir} has no finished trial to predict with (see raycv report {run_dir})")
     submission = predict_texts(run_dir, trials, args.data)
-    out = Path(args.out)
     write_atomic(out, lambda tmp: submission.to_csv(tmp, index=False))
     print(f"wrote {out}: {len(submission)} rows (id,target), the average of the fold models of "
           f"{', '.join(trials)}")
     return 0
+
+
+# ---------------------------------------------------------------- every problem at once
+
+FOLD_FILES = ("predictions.csv", "curve.csv", "resolved_config.yaml")  # what train-fold writes in its --out-dir
+
+
+def attempt(problems: list[str], step: Callable[[], T]) -> T | None:
+    """step(), or None with its problems added to `problems` (one line each, naming their file): a command
+    checks all its inputs before it refuses them, so every problem is reported at once."""
+    try:
+        return step()
+    except RaycvError as exc:  # a ConfigError or DataError holds several problems
+        problems += exc.lines() if hasattr(exc, "lines") else [str(exc)]
+    return None
+
+
+def output_problems(flag: str, path: Path, files: tuple[str, ...] = ()) -> list[str]:
+    """Where a command will write, checked before it does any work: a file (no `files`) must not be a
+    directory, a directory (holding `files`) must not be a file, and the nearest existing folder above must
+    take a new file (tried: permissions alone say nothing to root, and /proc refuses anyway)."""
+    try:
+        if not files and path.is_dir():
+            return [f"{flag}: {path} is a directory; name a file in it, e.g. {flag} {path / 'out.csv'}"]
+        if files and path.exists() and not path.is_dir():
+            return [f"{flag}: {path} is a file, not a directory; choose another with {flag} DIR"]
+        taken = [name for name in files if (path / name).is_dir()]
+        if taken:
+            return [f"{flag}: {path} holds a directory named {taken[0]}, where a file is written; choose another "
+                    f"with {flag} DIR"]
+        existing = next(p for p in [path, *path.parents] if p.exists())
+        if not existing.is_dir():
+            return [f"{flag}: cannot create {path}: {existing} is a file, not a directory"]
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        return [f"{flag}: cannot write {path} ({exc.strerror or exc}); choose another place"]
+    return []
 
 
 def bench(args) -> int:

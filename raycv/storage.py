@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pyarrow.fs
 
+from raycv import RaycvError
+
 # ---------------------------------------------------------------- names in the layout
 
 RUN_FILES = ("run.json", "folds.csv", "baselines.json", "resolved_config.yaml")  # what a report needs
@@ -56,15 +58,21 @@ def run_curve_path(run_dir: Path, trial_id: str) -> Path:
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], object]) -> None:
-    """Call `write(tmp_path)` and rename the result onto `path`, so a failure leaves nothing half-written."""
+    """Call `write(tmp_path)` and rename the result onto `path`, so a failure leaves nothing half-written.
+    A path that cannot be written (a directory, under a file, a read-only place) is a RaycvError."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():  # a rename onto a directory fails only after the whole file was written
+        raise RaycvError(f"{path} is a directory; name a file to write")
     tmp = path.with_name(f".{path.name}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         tmp.replace(path)
+    except OSError as exc:
+        raise RaycvError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp.exists():  # False under a file or in a place that refused it: never created
+            tmp.unlink()
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
