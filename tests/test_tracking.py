@@ -22,19 +22,26 @@ from raycv.spaces import load_config
 from helpers import SPACES_DIR, run_raycv
 
 SMOKE = str(SPACES_DIR / "smoke.yaml")
-# The smoke space, smaller: 2 trials (a grid of 2 learning rates, or 2 Optuna draws) of 2 folds x 3 points.
+# The smoke space, smaller: 2 trials (2 Optuna draws) of 2 folds x 3 points, ASHA stopping after the first.
 # Both trials at once (0.25 CPU per fold: 2 x (2 x 0.25 + a driver's share) fits 2 cores): start-up overlaps.
-SMALL = ["data.num_folds=2", "data.max_rows=240", "train.epochs=3", "search.num_samples=1",
+SMALL = ["data.num_folds=2", "data.max_rows=240", "train.epochs=3", "search.num_samples=2",
          "scheduler.grace_period=1", "resources.cpus_per_fold=0.25", "run.max_concurrent_trials=2"]
 OPTUNA_PARAMS = "search.params={train.lr: {loguniform: [1.0e-4, 3.0e-3]}, train.seed: {randint: [0, 10000]}}"
-RUN_LIMIT_S = 600  # a hang fails the test; the runs take about a minute each
+RUN_LIMIT_S = 600  # a hang fails the test; the run takes about a minute
 
 
-def tune_run(cwd: Path, train_csv: Path, overrides: list[str]) -> dict:
-    proc = run_raycv(["tune", SMOKE, f"data.path={train_csv}", *SMALL, *overrides], cwd=cwd, timeout=RUN_LIMIT_S)
+@pytest.fixture(scope="module")
+def tracked_run(tmp_path_factory, train_csv) -> dict:
+    """One search that both integrations serve: Optuna's TPE chooses the trials (under ASHA), and every trial
+    is an MLflow run."""
+    cwd = tmp_path_factory.mktemp("tracked")
+    tracking_uri = f"sqlite:///{cwd / 'mlflow.db'}"
+    proc = run_raycv(["tune", SMOKE, f"data.path={train_csv}", *SMALL, "search.algorithm=optuna", OPTUNA_PARAMS,
+                      f"run.mlflow.tracking_uri={tracking_uri}"], cwd=cwd, timeout=RUN_LIMIT_S)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
     run_dir = cwd / "runs" / "smoke"
-    return {"proc": proc, "run_dir": run_dir, "report": json.loads((run_dir / "report.json").read_text())}
+    return {"proc": proc, "run_dir": run_dir, "report": json.loads((run_dir / "report.json").read_text()),
+            "tracking_uri": tracking_uri, "cwd": cwd}
 
 
 # ---------------------------------------------------------------- MLflow
@@ -42,12 +49,10 @@ def tune_run(cwd: Path, train_csv: Path, overrides: list[str]) -> dict:
 
 @pytest.mark.ray
 @pytest.mark.timeout(RUN_LIMIT_S + 60)
-def test_every_trial_is_an_mlflow_run_and_the_best_gets_the_report(tmp_path, train_csv):
+def test_every_trial_is_an_mlflow_run_and_the_best_gets_the_report(tracked_run, tmp_path):
     from mlflow import MlflowClient
 
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    # No ASHA here: every trial reports all 3 points, so each metric's history is the whole curve.
-    run = tune_run(tmp_path, train_csv, [f"run.mlflow.tracking_uri={tracking_uri}", "scheduler.type=none"])
+    run, tracking_uri = tracked_run, tracked_run["tracking_uri"]
     report, run_dir = run["report"], run["run_dir"]
     trials = {t["trial_id"]: t for t in report["trials"]}
     assert len(trials) == 2
@@ -62,7 +67,8 @@ def test_every_trial_is_an_mlflow_run_and_the_best_gets_the_report(tmp_path, tra
         assert mlflow_run.info.status == "FINISHED"
         # The trial's hyperparameters as params (MLflow keeps them as strings).
         assert {k: float(v) for k, v in mlflow_run.data.params.items()} == pytest.approx(trial["params"])
-        # One value per evaluation point, equal to the trial's curve in the run directory.
+        # One value per evaluation point it trained (ASHA may stop it early), equal to its curve in the run
+        # directory.
         curve = pd.read_csv(run_dir / "curves" / f"{trial['trial_id']}.csv")
         assert len(curve) == trial["eval_points"] >= 1
         for metric in ("cv_rmse_last", "cv_rmse_best", "fold_0_rmse_last", "fold_1_rmse_best"):
@@ -89,10 +95,10 @@ def test_every_trial_is_an_mlflow_run_and_the_best_gets_the_report(tmp_path, tra
 
 @pytest.mark.ray
 @pytest.mark.timeout(RUN_LIMIT_S + 60)
-def test_optuna_chooses_the_trials_under_asha(tmp_path, train_csv):
+def test_optuna_chooses_the_trials_under_asha(tracked_run):
     from ray.tune.search.optuna import OptunaSearch
 
-    run = tune_run(tmp_path, train_csv, ["search.algorithm=optuna", OPTUNA_PARAMS, "search.num_samples=2"])
+    run = tracked_run
     report, run_dir = run["report"], run["run_dir"]
     assert len(report["trials"]) == 2 and report["best_trial"]
     assert (run_dir / "report.md").stat().st_size > 0
@@ -129,10 +135,13 @@ def refused(argv: list[str], capsys) -> list[str]:
 
 def test_optuna_with_a_grid_is_refused_naming_the_key(train_csv, capsys):
     lines = refused(["validate", SMOKE, f"data.path={train_csv}", "search.algorithm=optuna"], capsys)
-    assert len(lines) == 1, lines
+    assert len(lines) == 2, lines  # smoke.yaml's two grids, each named
     assert lines[0].endswith(
         "search.params.train.lr.grid: search.algorithm optuna cannot search a grid (Optuna draws each value, it "
         "does not enumerate them); use choice: [0.003, 0.0001] or search.algorithm=random")
+    assert lines[1].endswith("search.params.train.seed.grid: search.algorithm optuna cannot search a grid (Optuna "
+                             "draws each value, it does not enumerate them); use choice: [7, 8] or "
+                             "search.algorithm=random")
 
 
 def test_optuna_without_searched_keys_is_refused(train_csv, capsys):
