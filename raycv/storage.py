@@ -17,12 +17,22 @@ Ray's storage is reached through pyarrow's filesystems, the layer Ray itself use
 
 from __future__ import annotations
 
+import logging
+import os
+import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlparse
 
+import pyarrow
 import pyarrow.fs
 
 from raycv import RaycvError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # ---------------------------------------------------------------- names in the layout
 
@@ -81,10 +91,28 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 # ---------------------------------------------------------------- Ray's storage (local or a bucket)
 
+# How long raycv's own reads and writes in the storage keep retrying an endpoint that does not answer (a
+# bucket's endpoint restarting, a network blip) before they give up with one line naming the storage.
+RETRY_FOR_S = 120.0
+# The probe before a search: a bucket that cannot be reached must fail in seconds, before Ray starts.
+PROBE_TIMEOUTS = {"connect_timeout": 3.0, "request_timeout": 10.0}
+# Errors that say the endpoint did not answer (worth retrying), as pyarrow's S3 layer words them.
+TRANSIENT = ("NETWORK_CONNECTION", "Could not connect", "Couldn't connect", "Timeout was reached",
+             "SERVICE_UNAVAILABLE", "SLOW_DOWN", "INTERNAL_FAILURE", "REQUEST_TIMEOUT", "THROTTLING",
+             "Connection reset", "Connection refused", "Broken pipe")
+
+
+class StorageError(RaycvError):
+    """The run's storage could not be reached or written; the message is one line naming it."""
+
+
+def is_remote(storage_path: str) -> bool:
+    return "://" in storage_path
+
 
 def filesystem(storage_path: str) -> tuple[pyarrow.fs.FileSystem, str]:
     """(pyarrow filesystem, base path on it) for a local path or a URI such as s3://bucket/prefix."""
-    if "://" in storage_path:
+    if is_remote(storage_path):
         return pyarrow.fs.FileSystem.from_uri(storage_path)
     return pyarrow.fs.LocalFileSystem(), str(Path(storage_path).resolve())
 
@@ -93,39 +121,142 @@ def _join(base: str, relative: str) -> str:
     return f"{base.rstrip('/')}/{relative}" if relative else base
 
 
-def write_text(storage_path: str, relative: str, text: str) -> None:
-    """Write a file in the storage; readers see the old file or the new one, never half of it."""
+def is_transient(error: BaseException) -> bool:
+    """An error of an endpoint that did not answer (retry it), not of a missing file, bucket or permission."""
+    return isinstance(error, OSError) and not isinstance(error, FileNotFoundError) and \
+        any(marker in str(error) for marker in TRANSIENT)
+
+
+def describe_storage_error(storage_path: str, error: BaseException) -> str:
+    """One line: which storage, what went wrong, what to do about it."""
+    text = " ".join(str(error).split())
+    if "NO_SUCH_BUCKET" in text or "bucket does not exist" in text:
+        bucket = urlparse(storage_path).netloc
+        what, fix = f"bucket {bucket} does not exist", f"create it (aws s3 mb s3://{bucket}) or choose another bucket"
+    elif is_transient(error):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3") or "its endpoint"
+        what = f"cannot reach {endpoint} ({_detail(text)})"
+        fix = "check the network and AWS_ENDPOINT_URL, or use a local run.storage_path"
+    elif any(code in text for code in ("ACCESS_DENIED", "AccessDenied", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT",
+                                       "credentials", "FORBIDDEN", "403")):
+        what = f"not allowed to write ({_detail(text)})"
+        fix = ("check the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE) and the "
+               "bucket's policy")
+    else:
+        what, fix = _detail(text), "check the path and the credentials, or use a local run.storage_path"
+    return f"run.storage_path: cannot write to {storage_path}: {what}; {fix}"
+
+
+def _detail(text: str) -> str:
+    """The informative end of pyarrow's message (after 'AWS Error ...'), shortened to fit one line."""
+    start = text.find("AWS Error ")
+    return (text[start + len("AWS Error "):] if start >= 0 else text)[:200]
+
+
+def retrying(storage_path: str, action: Callable[[], T], retry_for_s: float | None = None) -> T:
+    """`action()`, retried with back-off while the storage's endpoint does not answer, for up to
+    `retry_for_s` seconds (RETRY_FOR_S); then StorageError, one line naming the storage."""
+    deadline = time.monotonic() + (RETRY_FOR_S if retry_for_s is None else retry_for_s)
+    wait = 1.0
+    while True:
+        try:
+            return action()
+        except OSError as exc:
+            if not is_transient(exc):
+                raise
+            if time.monotonic() + wait > deadline:
+                raise StorageError(describe_storage_error(storage_path, exc)) from exc
+            log.warning("storage %s did not answer (%s); retrying in %.0f s", storage_path, _detail(str(exc)), wait)
+            time.sleep(wait)
+            wait = min(wait * 2, 15.0)
+
+
+def probe(storage_path: str) -> str | None:
+    """Write and delete a small object under the storage, with short timeouts and no retries: None where
+    that works, else one line naming run.storage_path, what went wrong and the fix."""
+    target = None
+    try:
+        fs, base = _probe_filesystem(storage_path)
+        target = _join(base, f".raycv-probe-{uuid.uuid4().hex}")
+        if isinstance(fs, pyarrow.fs.LocalFileSystem):
+            fs.create_dir(base, recursive=True)
+        with fs.open_output_stream(target) as stream:
+            stream.write(b"raycv checks it can write here\n")
+        fs.delete_file(target)
+    except (OSError, ValueError, pyarrow.ArrowException) as exc:
+        return describe_storage_error(storage_path, exc)
+    return None
+
+
+def _probe_filesystem(storage_path: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """`filesystem`, but an S3 one with short timeouts and a single attempt, so an endpoint that is down or
+    silent fails the probe in seconds. Every other setting (endpoint, region, credentials) is the one pyarrow
+    resolves for Ray from the URI and the environment."""
     fs, base = filesystem(storage_path)
-    target = _join(base, relative)
-    fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-    tmp = target + ".tmp"
-    with fs.open_output_stream(tmp) as stream:
-        stream.write(text.encode())
-    fs.move(tmp, target)
+    if not isinstance(fs, pyarrow.fs.S3FileSystem):
+        return fs, base
+    settings = fs.__reduce__()[1][0]  # the filesystem's settings, as pickling rebuilds it
+    settings.update(PROBE_TIMEOUTS, retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=1))
+    return pyarrow.fs.S3FileSystem(**settings), base
+
+
+def write_text(storage_path: str, relative: str, text: str) -> None:
+    """Write a file in the storage; readers see the old file or the new one, never half of it (an object
+    store's PUT is whole already; a local file is written aside and renamed)."""
+
+    def write() -> None:
+        fs, base = filesystem(storage_path)
+        target = _join(base, relative)
+        if not isinstance(fs, pyarrow.fs.LocalFileSystem):
+            with fs.open_output_stream(target) as stream:
+                stream.write(text.encode())
+            return
+        fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        tmp = target + ".tmp"
+        with fs.open_output_stream(tmp) as stream:
+            stream.write(text.encode())
+        fs.move(tmp, target)
+
+    retrying(storage_path, write)
 
 
 def read_text(storage_path: str, relative: str) -> str | None:
     """A file's text, or None where there is no such file."""
-    fs, base = filesystem(storage_path)
-    target = _join(base, relative)
-    if fs.get_file_info(target).type == pyarrow.fs.FileType.NotFound:
-        return None
-    with fs.open_input_stream(target) as stream:
-        return stream.read().decode()
+    data = read_bytes(storage_path, relative)
+    return None if data is None else data.decode()
+
+
+def read_bytes(storage_path: str, relative: str) -> bytes | None:
+    """A file's bytes, or None where there is no such file."""
+
+    def read() -> bytes | None:
+        fs, base = filesystem(storage_path)
+        target = _join(base, relative)
+        if fs.get_file_info(target).type == pyarrow.fs.FileType.NotFound:
+            return None
+        with fs.open_input_stream(target) as stream:
+            return stream.read()
+
+    return retrying(storage_path, read)
 
 
 def list_dirs(storage_path: str, relative: str) -> list[str]:
     """Names of the folders directly under `relative` (none if it does not exist)."""
-    fs, base = filesystem(storage_path)
-    selector = pyarrow.fs.FileSelector(_join(base, relative), allow_not_found=True)
-    return sorted(info.base_name for info in fs.get_file_info(selector) if info.type == pyarrow.fs.FileType.Directory)
+
+    def listing() -> list[str]:
+        fs, base = filesystem(storage_path)
+        selector = pyarrow.fs.FileSelector(_join(base, relative), allow_not_found=True)
+        return sorted(info.base_name for info in fs.get_file_info(selector)
+                      if info.type == pyarrow.fs.FileType.Directory)
+
+    return retrying(storage_path, listing)
 
 
 def delete_dir(storage_path: str, relative: str) -> str:
     """Delete a folder and what it holds; returns its full path."""
     fs, base = filesystem(storage_path)
     target = _join(base, relative)
-    fs.delete_dir(target)
+    retrying(storage_path, lambda: fs.delete_dir(target))
     return target
 
 
