@@ -1,6 +1,7 @@
 """Where a search runs: start a local Ray or join a cluster, and size the trials to what it holds.
 
-    raycv tune search_spaces/base.yaml --address auto      # on the head node of `ray up cluster.yaml`
+    raycv tune search_spaces/base.yaml --address auto      # on the head of `ray up cluster.yaml`
+                                                            # (or cluster-onprem.yaml)
 
 Token authentication stays on (Ray 2.60's default for a local Ray); the token file raycv relies on is
 kept readable by its owner only.
@@ -18,8 +19,8 @@ from raycv import RaycvError
 from raycv.config import Config
 
 TRIAL_DRIVER_CPU = 0.25  # the Tune trial's own actor; the fold workers reserve their own resources
-# cluster.yaml gives the head node this custom resource, so trial drivers run there and a lost GPU node
-# (spot) takes down only fold workers, whose trial then retries from their checkpoints.
+# cluster.yaml and cluster-onprem.yaml start the head with this custom resource, so trial drivers run there
+# and a lost GPU node (spot) takes down only fold workers, whose trial then retries from their checkpoints.
 DRIVER_RESOURCE = "raycv_driver"
 DRIVER_RESOURCE_SHARE = 0.01
 
@@ -101,8 +102,10 @@ def _url(dashboard_url: str | None) -> str:
 def plan_resources(config: Config, cluster: dict[str, float], joined: bool) -> tuple[float, int | None]:
     """GPUs per fold (resolving auto) and the most trials at a time (None: as many as Tune can place).
 
-    `cluster` is what the cluster holds now (`ray.cluster_resources()`). On an autoscaling cluster
-    (cluster.yaml's, known by the head-only driver resource) concurrency is not capped by the nodes up now:
+    `cluster` is what the cluster holds now (`ray.cluster_resources()`). On a launcher's cluster
+    (cluster.yaml's or cluster-onprem.yaml's, known by the head-only driver resource; on-prem workers also
+    join some seconds after the head) concurrency is not capped by the nodes up now, and gpus_per_fold auto
+    means 1 (a CPU-only cluster sets resources.gpus_per_fold=0):
     Tune queues the trials and their placement groups make the autoscaler add GPU nodes up to its limit,
     within run.max_concurrent_trials. On a fixed machine (a local Ray), as many trials as fit now."""
     folds, resources = config.data.num_folds, config.resources
@@ -128,7 +131,8 @@ def plan_resources(config: Config, cluster: dict[str, float], joined: bool) -> t
 
 def trial_driver_resources(cluster: dict[str, float]) -> dict[str, float]:
     """What one trial's driver (its Tune actor) reserves: a little CPU, and on a cluster that offers it
-    (cluster.yaml's head), a share of the head-only resource that keeps drivers off the GPU nodes."""
+    (the head of cluster.yaml or cluster-onprem.yaml), a share of the head-only resource that keeps drivers
+    off the GPU nodes."""
     resources = {"CPU": TRIAL_DRIVER_CPU}
     if cluster.get(DRIVER_RESOURCE):
         resources[DRIVER_RESOURCE] = DRIVER_RESOURCE_SHARE
