@@ -83,9 +83,13 @@ def build_parser() -> Parser:
     return parser
 
 
+# Every character str.splitlines() breaks at, written as Python writes it in a repr.
+LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
 def one_line(problem: str) -> str:
-    """A problem as one line, whatever it quotes: a key or a value read from a file may hold a line break."""
-    return problem.replace("\r", "\\r").replace("\n", "\\n")
+    """A problem as one line, whatever it quotes: a key, id or value read from a file may hold a line break."""
+    return problem.translate(LINE_BREAKS)
 
 
 def main(argv: list[str] | None = None) -> int:

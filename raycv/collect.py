@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
+from pydantic import TypeAdapter, ValidationError
 
-from raycv import storage
+from raycv import RaycvError, storage
 
 STATUSES = {
     "pending": "created, waiting for resources",
@@ -34,6 +35,7 @@ STATUSES = {
     "interrupted": "cut short by Ctrl-C, SIGTERM or a lost driver; raycv tune ... --resume continues it",
 }
 ENDED = ("finished", "stopped", "diverged", "error")  # a trial in one of these never runs again
+RUN_STATES = ("running", "interrupted", "finished")
 
 
 @dataclass
@@ -101,12 +103,27 @@ def new_run_state(**settings) -> RunState:
 
 
 def load_run_state(run_dir: Path) -> RunState | None:
+    """run.json, checked field by field (a file cut short or edited by hand is one line naming it)."""
     path = Path(run_dir) / "run.json"
     if not path.is_file():
         return None
-    raw = json.loads(path.read_text())
-    raw["trials"] = [TrialRecord(**trial) for trial in raw.get("trials", [])]
-    return RunState(**raw)
+    try:
+        state = TypeAdapter(RunState).validate_python(json.loads(path.read_bytes().decode()))
+        if state.state not in RUN_STATES:
+            raise ValueError(f"state {state.state!r} is none of {', '.join(RUN_STATES)}")
+        for record in state.trials:
+            if record.status not in STATUSES:
+                raise ValueError(f"trial {record.trial_id}: status {record.status!r} is none of {', '.join(STATUSES)}")
+    except (OSError, ValueError) as exc:  # pydantic's ValidationError and JSON's errors are ValueErrors
+        reason = str(exc).splitlines()[0] if not isinstance(exc, ValidationError) else _first_error(exc)
+        raise RaycvError(f"{path}: not a run state raycv wrote ({reason}); it may be cut short or edited") from None
+    return state
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    return f"{'.'.join(map(str, err['loc'])) or 'the top'}: {err['msg']}" + (
+        f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else "")
 
 
 def save_run_state(run_dir: Path, state: RunState) -> None:
@@ -161,8 +178,7 @@ def refresh_unfinished(run_dir: Path) -> RunState | None:
     state = load_run_state(run_dir)
     if state is None or state.state == "finished":
         return state
-    config_path = Path(run_dir) / "resolved_config.yaml"
-    storage_path = yaml.safe_load(config_path.read_text())["run"]["storage_path"] if config_path.is_file() else None
+    storage_path = _storage_path(Path(run_dir) / "resolved_config.yaml")
     reachable = bool(storage_path) and _reachable(storage_path)
     if state.driver_is_gone():
         mark_interrupted(state, storage_path if reachable else None, Path(run_dir))
@@ -172,6 +188,15 @@ def refresh_unfinished(run_dir: Path) -> RunState | None:
             if record.status not in ENDED:
                 collect_trial(storage_path, Path(run_dir), record)
     return state
+
+
+def _storage_path(config_path: Path) -> str | None:
+    """run.storage_path of the run's resolved config; None where it cannot be read (the report says why)."""
+    try:
+        value = yaml.safe_load(config_path.read_bytes())["run"]["storage_path"]
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        return None
+    return value if isinstance(value, str) and value else None
 
 
 def mark_interrupted(state: RunState, storage_path: str | None, run_dir: Path) -> list[TrialRecord]:

@@ -16,6 +16,7 @@ trials scores every row in length-sorted batches, and the row's prediction is th
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import shutil
@@ -73,6 +74,19 @@ def drop_fold_models(run_dir: Path, keep: set[str]) -> None:
             shutil.rmtree(directory)
 
 
+@contextlib.contextmanager
+def reading(path: Path):
+    """A kept model's file that cannot be loaded (cut short, edited, missing) is one line naming it."""
+    try:
+        yield
+    except RaycvError:
+        raise
+    except Exception as exc:  # yaml, json, pydantic, transformers, safetensors; tokenizers raises bare Exception
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RaycvError(f"{path}: cannot load it ({reason[:200]}); the run's kept models were cut short or "
+                         "edited: run the search again to keep new ones") from None
+
+
 def predict_texts(run_dir: Path, trial_ids: list[str], data_path: str, batch_size: int = 32) -> pd.DataFrame:
     """`id, target` for every row of the CSV at `data_path`: the average of every fold model of the trials."""
     run_dir = Path(run_dir)
@@ -81,22 +95,34 @@ def predict_texts(run_dir: Path, trial_ids: list[str], data_path: str, batch_siz
         raise RaycvError(f"{run_dir} kept no fold models of trial(s) {', '.join(missing)}; the search keeps those "
                          f"of the best run.keep_fold_models finished trials (set it to {len(trial_ids)} or more "
                          "before the search, e.g. run.keep_fold_models=3)")
-    device = default_device()
-    rows, preds = None, []
-    for trial_id in trial_ids:
+    configs = {}
+    for trial_id in trial_ids:  # every trial's config and fold files before any work
         directory = models_dir(run_dir, trial_id)
-        config = Config.model_validate(yaml.safe_load((directory / "config.yaml").read_text()))
-        if rows is None:
-            data = DataConfig(**{**config.data.model_dump(), "path": str(data_path)})
-            rows = read_texts(data)
+        with reading(directory / "config.yaml"):
+            configs[trial_id] = Config.model_validate(yaml.safe_load((directory / "config.yaml").read_bytes()))
+        folds = {f"fold_{k}.safetensors" for k in range(configs[trial_id].data.num_folds)}
+        found = {path.name for path in directory.glob("fold_*.safetensors")}
+        if found != folds:
+            raise RaycvError(f"{directory}: holds {', '.join(sorted(found))}, not the {len(folds)} fold models "
+                             f"{', '.join(sorted(folds))} the trial kept; it was cut short or edited")
+    data = configs[trial_ids[0]].data
+    rows = read_texts(DataConfig(**{**data.model_dump(), "path": str(data_path)}))
+    device, preds = default_device(), []
+    for trial_id, config in configs.items():
+        directory = models_dir(run_dir, trial_id)
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer", use_fast=True, local_files_only=True)
-        tokens = tokenize(rows["text"].tolist(), tokenizer, config.model.max_length)
-        backbone = json.loads((directory / "backbone.json").read_text())
+        with reading(directory / "tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer", use_fast=True, local_files_only=True)
+            if tokenizer.pad_token_id is None:
+                raise ValueError("the tokenizer has no padding token")
+            tokens = tokenize(rows["text"].tolist(), tokenizer, config.model.max_length)
+        with reading(directory / "backbone.json"):
+            backbone = json.loads((directory / "backbone.json").read_bytes())
         dtype = autocast_dtype(config.train.precision, device)
         for weights in sorted(directory.glob("fold_*.safetensors")):
-            model = regressor_from_weights(backbone, config.model.pooling, load_file(weights)).to(device)
+            with reading(weights):
+                model = regressor_from_weights(backbone, config.model.pooling, load_file(weights)).to(device)
             preds.append(predict(model, tokens, tokenizer.pad_token_id, batch_size, device, dtype,
                                  config.train.pad_to_multiple_of, config.model.max_length))
     return pd.DataFrame({"id": rows["id"], "target": np.mean(preds, axis=0)})

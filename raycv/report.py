@@ -9,15 +9,19 @@ gets a report marked partial, with each trial's state.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
 
 import pandas as pd
 import yaml
+from pydantic import TypeAdapter, ValidationError
+from typing_extensions import TypedDict
 
 from raycv import RaycvError
 from raycv.collect import STATUSES, RunState, load_run_state
+from raycv.config import Config
 from raycv.scoring import ensemble, rmse, score_ensemble, score_trial
 from raycv.storage import RUN_FILES, run_curve_path, run_oof_path, write_atomic, write_text_atomic
 
@@ -41,15 +45,60 @@ def load_run(run_dir: Path, state: RunState | None = None) -> dict:
     for trial in state.trials:
         oof_path, curve_path = run_oof_path(run_dir, trial.trial_id), run_curve_path(run_dir, trial.trial_id)
         if oof_path.is_file():
-            oofs[trial.trial_id] = pd.read_csv(oof_path, dtype={"id": str})
+            oofs[trial.trial_id] = read_table(oof_path, OOF_COLUMNS)
         if curve_path.is_file():
-            curves[trial.trial_id] = pd.read_csv(curve_path)
+            curves[trial.trial_id] = read_table(curve_path, CURVE_COLUMNS)
+    config = read_run_file(run_dir / "resolved_config.yaml", lambda text: Config.model_validate(yaml.safe_load(text)))
     return {
-        "run": state, "trials": state.trials, "oofs": oofs, "curves": curves,
-        "config": yaml.safe_load((run_dir / "resolved_config.yaml").read_text()),
-        "folds": pd.read_csv(run_dir / "folds.csv", dtype={"id": str}),
-        "baselines": json.loads((run_dir / "baselines.json").read_text()),
+        "run": state, "trials": state.trials, "oofs": oofs, "curves": curves, "config": config.to_dict(),
+        "folds": read_table(run_dir / "folds.csv", FOLDS_COLUMNS),
+        "baselines": read_run_file(run_dir / "baselines.json", lambda text: BASELINES.validate_json(text)),
     }
+
+
+OOF_COLUMNS = ("id", "fold", "target", "pred_best", "pred_last")
+CURVE_COLUMNS = ("eval_point", "cv_rmse_last")  # what the report draws
+FOLDS_COLUMNS = ("id", "fold")
+
+
+class Baseline(TypedDict):
+    pooled_rmse: float
+    fold_rmse: list[float]
+
+
+BASELINES = TypeAdapter(dict[str, Baseline])
+
+
+def read_run_file(path: Path, parse):
+    """parse(text) of a run directory's file; what cannot be read or is not what raycv wrote (cut short,
+    edited, another file) is one line naming the file."""
+    try:
+        return parse(path.read_bytes().decode())
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        reason = f"{'.'.join(map(str, err['loc'])) or 'the top'}: {err['msg']}"
+    except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError) as exc:  # JSON, CSV and decoding errors too
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    raise RaycvError(f"{path}: not what raycv wrote ({reason}); it may be cut short or edited")
+
+
+def read_table(path: Path, columns: tuple[str, ...], rows: int = 1) -> pd.DataFrame:
+    """A CSV of the run with `columns` (numbers, but `id`) and at least `rows` rows; else one line naming it."""
+    def parse(text: str) -> pd.DataFrame:
+        frame = pd.read_csv(io.StringIO(text), dtype={"id": str})
+        missing = [c for c in columns if c not in frame.columns]
+        if missing:
+            raise ValueError(f"no column {', '.join(missing)}")
+        if len(frame) < rows:
+            raise ValueError("no rows")
+        numbers = frame[[c for c in columns if c != "id"]]
+        if not all(pd.api.types.is_numeric_dtype(t) for t in numbers.dtypes) or not numbers.notna().all().all():
+            raise ValueError(f"{', '.join(c for c in columns if c != 'id')} must be numbers")
+        if "id" in columns and (frame["id"].isna().any() or frame["id"].duplicated().any()):
+            raise ValueError("an id is empty or repeated")
+        return frame
+
+    return read_run_file(path, parse)
 
 
 NO_SCORES = {f"{name}_{which}": None for name in ("cv_rmse", "fold_rmse") for which in ("last", "best")}
