@@ -200,7 +200,7 @@ def output_problems(flag: str, path: Path, files: tuple[str, ...] = ()) -> list[
         if taken:
             return [f"{flag}: {path} holds a directory named {taken[0]}, where a file is written; choose another "
                     f"with {flag} DIR"]
-        existing = next(p for p in [path, *path.parents] if p.exists())
+        existing = next(p for p in [*([path] if files else []), *path.parents] if p.exists())
         if not existing.is_dir():
             return [f"{flag}: cannot create {path}: {existing} is a file, not a directory"]
         with tempfile.TemporaryFile(dir=existing):
