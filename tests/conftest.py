@@ -18,7 +18,16 @@ import pytest
 import torch
 import yaml
 
-from helpers import LAYOUT_PREFIXES, TINY_SPACE, TINY_STRUCTBERT_CONFIG, alicemind_state, merge, tiny_bert
+from helpers import (
+    LAYOUT_PREFIXES,
+    TINY_SPACE,
+    TINY_STRUCTBERT_CONFIG,
+    alicemind_state,
+    merge,
+    ray_head,
+    run_raycv,
+    tiny_bert,
+)
 
 
 @pytest.fixture(scope="session")
@@ -88,3 +97,74 @@ def structbert_files(tmp_path_factory):
         return StructBertFiles(checkpoint, config, vocab, model, state, prefix)
 
     return write
+
+
+# ---------------------------------------------------------------- one smoke search, read by many tests
+
+SMOKE_RUN_LIMIT_S = 900
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, train_csv):
+    """`raycv tune spaces/smoke.yaml` as a user runs it, once per session: 4 trials (2 learning rates x 2
+    seeds, a grid, so every run of it trains the same trials the same way), ASHA stopping the slow ones.
+    tests/test_tune.py reads it; tests/test_resume.py compares its interrupted runs with it.
+
+    It runs beside another Ray instance on the machine (an idle `ray start --head` with a temp dir of its
+    own, ended here), as on a workstation where a notebook or a colleague has a Ray running: every process
+    of raycv's run must find raycv's own cluster, never guess."""
+    cwd = tmp_path_factory.mktemp("smoke")
+    with ray_head(tmp_path_factory.mktemp("other_ray")) as other:
+        # spaces/smoke.yaml does not exist here: it must resolve to the bundled search_spaces/smoke.yaml.
+        proc = run_raycv(["tune", "spaces/smoke.yaml", f"data.path={train_csv}"], cwd=cwd,
+                         timeout=SMOKE_RUN_LIMIT_S)
+    run_dir = cwd / "runs" / "smoke"
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    return {"proc": proc, "cwd": cwd, "run_dir": run_dir, "report": json.loads((run_dir / "report.json").read_text()),
+            "other_ray": other["address"]}
+
+
+# ---------------------------------------------------------------- loud skips
+
+# Tests that need a program from Debian's packages carry `@pytest.mark.needs("chromium")`. Where it is
+# missing, the test is skipped with the reason (printed: addopts has -rs) -- except in CI (CI=true), where
+# a missing program fails the test: .ci/run installs them, so a skip there would hide a broken set-up.
+NEEDED_PROGRAMS = {
+    "chromium": ("/usr/bin/chromium", "apt-get install chromium"),
+    "prometheus": ("prometheus", "apt-get install prometheus"),
+    "sshd": ("/usr/sbin/sshd", "apt-get install openssh-server"),
+}
+
+
+def missing_program(name: str) -> str | None:
+    """Why the program `name` cannot be used here, or None where it can."""
+    program, install = NEEDED_PROGRAMS[name]
+    if shutil.which(program) is None:
+        return f"{program} is missing ({install}, as .ci/run does)"
+    return None
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs(*programs): programs from Debian's packages the test runs "
+                                       f"({', '.join(NEEDED_PROGRAMS)}); skipped without them, failed in CI")
+
+
+def pytest_collection_modifyitems(config, items):
+    in_ci = os.environ.get("CI", "").lower() == "true"
+    for item in items:
+        reasons = [why for marker in item.iter_markers("needs") for name in marker.args
+                   if (why := missing_program(name))]
+        if not reasons:
+            continue
+        reason = "; ".join(reasons)
+        if in_ci:
+            item.add_marker(pytest.mark.usefixtures("_fail_in_ci"))
+            item.user_properties.append(("missing", reason))
+        else:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture
+def _fail_in_ci(request):
+    missing = dict(request.node.user_properties)["missing"]
+    pytest.fail(f"CI=true and {missing}: CI must run this test, not skip it", pytrace=False)

@@ -1,7 +1,8 @@
 """`raycv tune` end to end on a real local Ray, the real data and the shipped smoke space.
 
-One run (about 3 minutes on 2 cores) serves every test here. The run is a subprocess with a hard time
-limit; on a timeout its whole process group is killed and the test fails instead of hanging CI.
+One run serves every test here: conftest.py's session-wide `smoke_run` (about 2 minutes on 2 cores), which
+tests/test_resume.py also reads as the uninterrupted twin of its interrupted runs. The run is a subprocess
+with a hard time limit; on a timeout its whole process group is killed and the test fails instead of hanging.
 """
 
 import json
@@ -23,18 +24,6 @@ from helpers import kill_group, list_actors, pooled_rmse, raycv_env, run_raycv
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1500)]
 
-RUN_LIMIT_S = 1200
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, train_csv):
-    cwd = tmp_path_factory.mktemp("smoke")
-    # spaces/smoke.yaml does not exist here: it must resolve to the bundled search_spaces/smoke.yaml.
-    proc = run_raycv(["tune", "spaces/smoke.yaml", f"data.path={train_csv}"], cwd=cwd, timeout=RUN_LIMIT_S)
-    run_dir = cwd / "runs" / "smoke"
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
-    return {"proc": proc, "cwd": cwd, "run_dir": run_dir, "report": json.loads((run_dir / "report.json").read_text())}
-
 
 def test_run_prints_dashboard_summary_and_report_path(smoke_run):
     out = smoke_run["proc"].stdout
@@ -47,10 +36,20 @@ def test_run_prints_dashboard_summary_and_report_path(smoke_run):
     assert "Reporting training result" not in everything  # Ray Train's per-report INFO lines are quieted
 
 
+def test_a_search_beside_another_ray_instance_finds_its_own_cluster(smoke_run):
+    """The smoke run ran beside another Ray on this machine: no process of it guessed which cluster is its
+    own (Ray Train's helpers used to, and died), and every trial ran and ended."""
+    everything = smoke_run["proc"].stdout + smoke_run["proc"].stderr
+    assert "Found multiple active Ray instances" not in everything
+    assert "WorkerGroupStartupTimeoutError" not in everything
+    assert smoke_run["other_ray"] not in everything
+    assert {t["status"] for t in smoke_run["report"]["trials"]} <= {"finished", "stopped"}
+
+
 def test_report_has_one_row_per_trial(smoke_run):
     report, run_dir = smoke_run["report"], smoke_run["run_dir"]
     ids = [t["trial_id"] for t in report["trials"]]
-    assert len(ids) == 4 == len(set(ids))  # search.num_samples 2 x a grid of 2 learning rates
+    assert len(ids) == 4 == len(set(ids))  # a grid of 2 learning rates x 2 seeds
     assert sorted(pd.read_csv(run_dir / "trials.csv")["trial_id"]) == sorted(ids)
     leaderboard = [
         line for line in (run_dir / "report.md").read_text().splitlines()
@@ -211,8 +210,10 @@ def test_predict_refuses_bad_rows_and_runs_without_models(smoke_run, train_csv, 
     bad.to_csv(tmp_path / "bad.csv", index=False)
     proc = run_raycv(["predict", str(smoke_run["run_dir"]), "--data", str(tmp_path / "bad.csv")], cwd=tmp_path,
                      timeout=300)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
-    assert "duplicate id" in proc.stderr and test["id"].iloc[0] in proc.stderr
+    duplicate, empty = proc.stderr.splitlines()  # every kind of bad row at once, one line each
+    assert proc.returncode == 2
+    assert "duplicate id" in duplicate and test["id"].iloc[0] in duplicate
+    assert "empty or non-text excerpt" in empty and bad.loc[2, "id"] in empty
     assert not (tmp_path / "submission.csv").exists()
 
     without = tmp_path / "without_models"
