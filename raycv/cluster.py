@@ -35,7 +35,14 @@ def use_token_auth(address: str | None) -> None:
 
 
 def start_ray(address: str | None) -> bool:
-    """Join the cluster at `address` (or RAY_ADDRESS); else start a local Ray. True if we started it."""
+    """Join the cluster at `address` (or RAY_ADDRESS); else start a local Ray. True if we started it.
+
+    Every process of the job (trial drivers, Ray Train's controller and its helpers, fold workers) is told
+    the cluster's address (RAY_ADDRESS in the job's runtime environment). Without it, Ray Train's
+    PlacementGroupCleaner and TrainStateActor find "their" cluster by looking for GCS processes on the
+    machine, and with another Ray instance there (a notebook's ray.init(), a colleague's `ray start`) they
+    die with "Found multiple active Ray instances", leaving a finished trial's placement group in place
+    and the next trial's workers waiting forever."""
     use_token_auth(address)
     address = address or os.environ.get("RAY_ADDRESS")
     import ray
@@ -43,23 +50,52 @@ def start_ray(address: str | None) -> bool:
     if address:
         _check_reachable(address)
         try:
-            context = ray.init(address=address)
+            context = ray.init(address=address, runtime_env=_job_env(_bootstrap_address(address)))
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise RaycvError(f"cannot join the Ray cluster at {address}: {str(exc).strip().splitlines()[-1]}") from None
         print(f"joined the Ray cluster at {address}; dashboard: {_url(context.dashboard_url)}", flush=True)
         return False
     # "local": always a new Ray of our own, never one a `ray start` left on this machine (which ray.init()
-    # would otherwise join, or wait on for minutes if it has died).
+    # would otherwise join, or wait on for minutes if it has died). Its GCS port is chosen here, so that
+    # the job's processes can be told it before they start.
+    port = _free_port()
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by the local Ray's start-up (ray._private.node)
     try:
-        context = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
+        context = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+                           runtime_env=_job_env(f"127.0.0.1:{port}"))
     except Exception as exc:  # Ray raises a bare Exception when its processes do not come up in time
         raise RaycvError(f"could not start a local Ray: {str(exc).strip().splitlines()[0]} (is the machine "
                          "overloaded or out of memory? `ray status` shows a Ray already running)") from None
+    finally:
+        os.environ.pop("RAY_GCS_SERVER_PORT", None)
     if secure_token_file(token_path()):
         print(f"made {token_path()} readable by its owner only (it is the cluster's password)")
     print(f"started a local Ray for this run; dashboard: {_url(context.dashboard_url)} "
           f"(token authentication: the token is in ~/.ray/auth_token)", flush=True)
     return True
+
+
+def _bootstrap_address(address: str) -> str | None:
+    """host:port of the cluster's GCS for `address` ("auto", host:port), as Ray resolves it; None for a Ray
+    Client address (ray://), whose job processes run where the cluster's own address is known."""
+    if "://" in address:
+        return None
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        return canonicalize_bootstrap_address(address)
+    except (ConnectionError, ValueError) as exc:
+        raise RaycvError(f"cannot join the Ray cluster at {address}: {str(exc).strip().splitlines()[-1]}") from None
+
+
+def _job_env(gcs_address: str | None) -> dict | None:
+    return {"env_vars": {"RAY_ADDRESS": gcs_address}} if gcs_address else None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _check_reachable(address: str) -> None:
