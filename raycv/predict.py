@@ -53,10 +53,13 @@ def export_fold_models(storage_path: str, run_dir: Path, trial_id: str, config: 
     staging = target.with_name(f".{trial_id}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    fs, base = storage.filesystem(storage_path)
     for fold in range(config.data.num_folds):
-        with fs.open_input_stream(f"{base.rstrip('/')}/{run}/{max(points)}/{storage.FOLD_STATE.format(fold)}") as f:
-            state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+        fold_state = f"{run}/{max(points)}/{storage.FOLD_STATE.format(fold)}"
+        data = storage.read_bytes(storage_path, fold_state)  # retried while a bucket's endpoint does not answer
+        if data is None:
+            raise RaycvError(f"trial {trial_id} has no {storage.FOLD_STATE.format(fold)} in {storage_path}/"
+                             f"{run}/{max(points)} to export")
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         save_file({name: t.contiguous() for name, t in state["model"].items()}, staging / f"fold_{fold}.safetensors")
     (staging / "backbone.json").write_text(backbone_config(config.model).to_json_string())
     (staging / "config.yaml").write_text(dump_yaml(config))

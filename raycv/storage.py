@@ -123,8 +123,12 @@ def _join(base: str, relative: str) -> str:
 
 def is_transient(error: BaseException) -> bool:
     """An error of an endpoint that did not answer (retry it), not of a missing file, bucket or permission."""
-    return isinstance(error, OSError) and not isinstance(error, FileNotFoundError) and \
-        any(marker in str(error) for marker in TRANSIENT)
+    return isinstance(error, OSError) and not isinstance(error, FileNotFoundError) and mentions_outage(str(error))
+
+
+def mentions_outage(text: str) -> bool:
+    """Whether an error's text (a Ray failure holds its workers' tracebacks) says the storage did not answer."""
+    return isinstance(text, str) and any(marker in text for marker in TRANSIENT)
 
 
 def describe_storage_error(storage_path: str, error: BaseException) -> str:
@@ -174,18 +178,26 @@ def retrying(storage_path: str, action: Callable[[], T], retry_for_s: float | No
 def probe(storage_path: str) -> str | None:
     """Write and delete a small object under the storage, with short timeouts and no retries: None where
     that works, else one line naming run.storage_path, what went wrong and the fix."""
-    target = None
     try:
-        fs, base = _probe_filesystem(storage_path)
-        target = _join(base, f".raycv-probe-{uuid.uuid4().hex}")
-        if isinstance(fs, pyarrow.fs.LocalFileSystem):
-            fs.create_dir(base, recursive=True)
-        with fs.open_output_stream(target) as stream:
-            stream.write(b"raycv checks it can write here\n")
-        fs.delete_file(target)
+        _write_probe(storage_path)
     except (OSError, ValueError, pyarrow.ArrowException) as exc:
         return describe_storage_error(storage_path, exc)
     return None
+
+
+def wait_until_writable(storage_path: str) -> None:
+    """Return once the storage takes a probe object again; StorageError after RETRY_FOR_S seconds."""
+    retrying(storage_path, lambda: _write_probe(storage_path))
+
+
+def _write_probe(storage_path: str) -> None:
+    fs, base = _probe_filesystem(storage_path)
+    target = _join(base, f".raycv-probe-{uuid.uuid4().hex}")
+    if isinstance(fs, pyarrow.fs.LocalFileSystem):
+        fs.create_dir(base, recursive=True)
+    with fs.open_output_stream(target) as stream:
+        stream.write(b"raycv checks it can write here\n")
+    fs.delete_file(target)
 
 
 def _probe_filesystem(storage_path: str) -> tuple[pyarrow.fs.FileSystem, str]:

@@ -55,6 +55,7 @@ from raycv.worker import train_fn_per_worker, write_trial_status
 
 log = logging.getLogger(__name__)
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}  # the shell's 128 + signal number
+STORAGE_OUTAGES_PER_TRIAL = 3  # times a trial's Train run resumes after the storage stopped answering
 
 
 def train_driver_fn(params: dict, base_config: dict, encoded: EncodedFolds, num_points: int) -> None:
@@ -63,7 +64,8 @@ def train_driver_fn(params: dict, base_config: dict, encoded: EncodedFolds, num_
     A trial whose Train run resumes (Tune retried a lost driver, or `--resume`) continues from the fold
     checkpoints Ray Train keeps under the same run name. A fold failure that outlasts Train's own retries
     is written as the trial's status in one line, and the trial ends without raising: Tune's retries are
-    for a lost driver, not for re-running the same exception."""
+    for a lost driver, not for re-running the same exception. A failure of the storage itself (a bucket's
+    endpoint that stopped answering) is waited out, and the Train run resumes."""
     config = Config.model_validate(base_config).with_overrides(params)
     trial_id = tune.get_context().get_trial_id()
     written = storage.read_text(config.run.storage_path, storage.trial_files(trial_id)["status"])
@@ -76,37 +78,50 @@ def train_driver_fn(params: dict, base_config: dict, encoded: EncodedFolds, num_
     # The Train run's state (its name and workers by rank = fold) for the dashboard's state API.
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     gpus = float(config.resources.gpus_per_fold)
-    trainer = TorchTrainer(
-        train_fn_per_worker,
-        # gloo, also on GPUs: folds share no gradients, only their predictions at evaluation points, and
-        # gloo (unlike NCCL) lets several folds share one GPU (resources.gpus_per_fold below 1).
-        torch_config=TorchConfig(backend="gloo"),
-        train_loop_config={
-            "config": config.to_dict(), "encoded": encoded, "trial_id": trial_id,
-            "num_points": num_points, "checkpoint_every": config.run.checkpoint_every,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=config.data.num_folds,
-            use_gpu=gpus > 0,
-            resources_per_worker={"CPU": config.resources.cpus_per_fold, **({"GPU": gpus} if gpus > 0 else {}),
-                                  **config.resources.custom_per_fold},
-        ),
-        run_config=RunConfig(
-            name=storage.train_run_name(trial_id),
-            storage_path=config.run.storage_path,
-            callbacks=[TuneReportCallback()],
-            failure_config=FailureConfig(max_failures=config.run.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=config.run.checkpoints_to_keep),
-            # Ray Train logs every report and checkpoint at INFO; raycv's own progress line says what matters.
-            logging_config=LoggingConfig(log_level="WARNING"),
-        ),
-    )
-    try:
-        trainer.fit()
-    except TrainingFailedError as exc:
-        reason = describe_failure(exc)
-        write_trial_status(config.run.storage_path, trial_id, "error", reason)
-        print(f"trial {trial_id} | failed: {reason}", flush=True)
+
+    def make_trainer() -> TorchTrainer:  # one per attempt: a storage outage starts another
+        return TorchTrainer(
+            train_fn_per_worker,
+            # gloo, also on GPUs: folds share no gradients, only their predictions at evaluation points, and
+            # gloo (unlike NCCL) lets several folds share one GPU (resources.gpus_per_fold below 1).
+            torch_config=TorchConfig(backend="gloo"),
+            train_loop_config={
+                "config": config.to_dict(), "encoded": encoded, "trial_id": trial_id,
+                "num_points": num_points, "checkpoint_every": config.run.checkpoint_every,
+            },
+            scaling_config=ScalingConfig(
+                num_workers=config.data.num_folds,
+                use_gpu=gpus > 0,
+                resources_per_worker={"CPU": config.resources.cpus_per_fold, **({"GPU": gpus} if gpus > 0 else {}),
+                                      **config.resources.custom_per_fold},
+            ),
+            run_config=RunConfig(
+                name=storage.train_run_name(trial_id),
+                storage_path=config.run.storage_path,
+                callbacks=[TuneReportCallback()],
+                failure_config=FailureConfig(max_failures=config.run.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=config.run.checkpoints_to_keep),
+                # Ray Train logs every report and checkpoint at INFO; raycv's own progress line says what matters.
+                logging_config=LoggingConfig(log_level="WARNING"),
+            ),
+        )
+
+    for attempt in range(1 + STORAGE_OUTAGES_PER_TRIAL):
+        try:
+            make_trainer().fit()
+            return
+        except TrainingFailedError as exc:
+            reason = describe_failure(exc)
+            if attempt < STORAGE_OUTAGES_PER_TRIAL and storage.mentions_outage(str(exc)):
+                # The folds failed because the storage stopped answering (a checkpoint upload, most likely), not
+                # because of the trial: once it answers again the same Train run resumes from its last checkpoint.
+                print(f"trial {trial_id} | the storage did not answer ({reason}); resuming from the last fold "
+                      f"checkpoint once it does", flush=True)
+                storage.wait_until_writable(config.run.storage_path)  # StorageError after storage.RETRY_FOR_S
+                continue
+            write_trial_status(config.run.storage_path, trial_id, "error", reason)
+            print(f"trial {trial_id} | failed: {reason}", flush=True)
+            return
 
 
 def to_param_space(config: Config) -> dict[str, Any]:
@@ -156,9 +171,12 @@ class TrialTracker(tune.Callback):
             collect_trial(self.storage_path, self.run_dir, record)
             if error is None:
                 settle(record, self.max_t)
+            elif storage.mentions_outage(str(error)):  # the storage's fault, not the trial's: --resume reruns it
+                record.status = "interrupted"
             elif record.status not in ("diverged", "error"):
                 record.status, record.reason = "error", describe_failure(error)
-            write_trial_status(self.storage_path, record.trial_id, record.status, record.reason)
+            if record.status in ENDED:
+                write_trial_status(self.storage_path, record.trial_id, record.status, record.reason)
         save_run_state(self.run_dir, state)
         if ended:
             keep_fold_models(state, Config.model_validate(self.config))
@@ -216,11 +234,31 @@ def run_sweep(config: Config, plan: Plan, address: str | None = None, resume: bo
               f"{f'up to {concurrent}' if concurrent else 'as many as the autoscaler can place'} trial(s) at a "
               f"time; output {output_dir}", flush=True)
         with forward_sigterm() as received:
-            fit(config, plan, concurrent, resume=previous is not None)
+            try:
+                fit(config, plan, concurrent, resume=previous is not None)
+            except Exception as exc:
+                stop_on_storage_failure(exc, output_dir, resume_command)
+                raise
         return finish(config, plan.max_t, received, resume_command)
     finally:
         if started:
             ray.shutdown()
+
+
+def stop_on_storage_failure(exc: BaseException, output_dir: Path, resume_command: str) -> None:
+    """The search stopped because the storage stayed out of reach (raycv's own retries gave up, raised
+    through Tune): mark the run and its unfinished trials interrupted and say so in one line (StorageError).
+    Anything else: return, for the caller to re-raise."""
+    cause = exc
+    while cause is not None and not isinstance(cause, storage.StorageError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return
+    state = load_run_state(output_dir)
+    mark_interrupted(state, None, output_dir)  # the storage cannot be read now; --resume collects
+    save_run_state(output_dir, state)
+    raise storage.StorageError(f"{cause}; the run stopped and is resumable once the storage answers: "
+                               f"{resume_command}") from None
 
 
 def check_run_directory(config: Config, output_dir: Path, resume: bool, resume_command: str) -> RunState | None:
