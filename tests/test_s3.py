@@ -100,9 +100,10 @@ class Proxy:
 def s3():
     """moto's S3 on loopback behind a Proxy; the environment points pyarrow (raycv, Ray) and boto3 at the
     proxy; `client` talks to moto directly, so listing the bucket works during an outage."""
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    moto_port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
     server.start()
-    proxy = Proxy(server._port)
+    proxy = Proxy(moto_port)
     proxy.open()
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}", "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -110,7 +111,7 @@ def s3():
         for key, value in env.items():
             patch.setenv(key, value)
         patch.delenv("AWS_PROFILE", raising=False)
-        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{server._port}")
+        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{moto_port}")
         client.create_bucket(Bucket=BUCKET)
         yield {"client": client, "proxy": proxy, "env": env}
     proxy.close()
@@ -163,25 +164,28 @@ def assert_refused_before_ray(proc: subprocess.CompletedProcess, cwd: Path, *wor
 
 
 def test_a_bucket_that_does_not_exist_is_refused_before_ray(s3, tmp_path, train_csv):
-    for command in ("validate", "tune"):
-        args = tune_args(train_csv, f"s3://no-such-bucket-here/{PREFIX}")
-        args[0] = command
-        proc = run_raycv(args, cwd=tmp_path, timeout=120)
-        assert_refused_before_ray(proc, tmp_path, "bucket no-such-bucket-here does not exist", "create it")
+    proc = run_raycv(tune_args(train_csv, f"s3://no-such-bucket-here/{PREFIX}"), cwd=tmp_path, timeout=120)
+    assert_refused_before_ray(proc, tmp_path, "bucket no-such-bucket-here does not exist", "create it")
 
 
 def test_an_endpoint_that_is_down_or_silent_is_refused_in_seconds(s3, tmp_path, train_csv, monkeypatch):
+    from raycv import storage
+
     down = free_port()  # nobody listens: connection refused
-    silent = socket.socket()  # accepts connections (the backlog) and never answers
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(16)
-    with silent:
-        for port in (down, silent.getsockname()[1]):
-            monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-            started = time.monotonic()
-            proc = run_raycv(tune_args(train_csv, STORAGE), cwd=tmp_path, timeout=120)
-            assert_refused_before_ray(proc, tmp_path, f"cannot reach http://127.0.0.1:{port}", "AWS_ENDPOINT_URL")
-            assert time.monotonic() - started < 60  # the probe's own timeouts, not Ray's start-up
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{down}")
+    args = tune_args(train_csv, STORAGE)
+    args[0] = "validate"
+    proc = run_raycv(args, cwd=tmp_path, timeout=120)
+    assert_refused_before_ray(proc, tmp_path, f"cannot reach http://127.0.0.1:{down}", "AWS_ENDPOINT_URL")
+
+    with socket.socket() as silent:  # accepts connections (the backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        started = time.monotonic()
+        problem = storage.probe(STORAGE)
+        assert time.monotonic() - started < 30  # the probe's own timeouts (3 s connect, 10 s request)
+    assert problem.startswith(f"run.storage_path: cannot write to {STORAGE}: cannot reach") and "\n" not in problem
 
 
 def test_storage_writes_ride_out_an_outage_and_then_fail_in_one_line(s3, monkeypatch):
