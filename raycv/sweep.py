@@ -249,10 +249,11 @@ def stop_on_storage_failure(exc: BaseException, output_dir: Path, resume_command
     """The search stopped because the storage stayed out of reach (raycv's own retries gave up, raised
     through Tune): mark the run and its unfinished trials interrupted and say so in one line (StorageError).
     Anything else: return, for the caller to re-raise."""
-    cause = exc
-    while cause is not None and not isinstance(cause, storage.StorageError):
+    cause, seen = exc, set()
+    while cause is not None and id(cause) not in seen and not isinstance(cause, storage.StorageError):
+        seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__
-    if cause is None:
+    if not isinstance(cause, storage.StorageError):
         return
     state = load_run_state(output_dir)
     mark_interrupted(state, None, output_dir)  # the storage cannot be read now; --resume collects
