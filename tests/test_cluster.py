@@ -1,4 +1,5 @@
-"""Running on a Ray cluster: cluster.yaml passes Ray's own validation and keeps the security settings; a
+"""Running on a Ray cluster: cluster.yaml and cluster-onprem.yaml pass Ray's own validation, share everything
+that is not provisioning and keep the security settings (tests/test_ray_up.py runs `ray up` for real); a
 real head (`ray start --head`, token authentication on) takes the smoke run as a Ray job and through
 `raycv tune --address`, and raycv's metrics appear on the node's Prometheus endpoint.
 
@@ -22,6 +23,11 @@ from helpers import REPO_DIR, free_port, list_actors, ray_head
 
 REPO = REPO_DIR
 CLUSTER_YAML = REPO / "cluster.yaml"
+ONPREM_YAML = REPO / "cluster-onprem.yaml"
+SHARED_MARK = "# ---- From here to the end"
+# What both launcher configs share: setup, start commands (token auth, dashboard on loopback, metrics port), mounts.
+SHARED_KEYS = ["file_mounts", "rsync_exclude", "initialization_commands", "setup_commands", "head_setup_commands",
+               "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands"]
 SMALL = ["search.num_samples=1", "train.epochs=3"]  # 2 trials (the smoke grid), 3 evaluation points each
 
 
@@ -37,6 +43,65 @@ def test_cluster_yaml_passes_ray_validation():
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     validate_config(prepare_config(load_cluster_yaml()))
+
+
+def test_onprem_yaml_passes_ray_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load(ONPREM_YAML.read_text())
+    assert config["provider"]["type"] == "local"
+    assert {"head_ip", "worker_ips"} <= set(config["provider"]) and config["auth"]["ssh_private_key"]
+    validate_config(prepare_config(config))
+
+
+def test_both_configs_share_everything_but_provisioning():
+    """Ray's YAML has no includes: the shared part is byte-identical (from the marker line to the end)."""
+    aws, onprem = CLUSTER_YAML.read_text(), ONPREM_YAML.read_text()
+    assert aws.count(SHARED_MARK) == onprem.count(SHARED_MARK) == 1
+    assert aws[aws.index(SHARED_MARK):] == onprem[onprem.index(SHARED_MARK):]
+    aws_config, onprem_config = yaml.safe_load(aws), yaml.safe_load(onprem)
+    assert {key: aws_config[key] for key in SHARED_KEYS} == {key: onprem_config[key] for key in SHARED_KEYS}
+    assert set(onprem_config) - set(SHARED_KEYS) == {"cluster_name", "provider", "auth"}
+
+
+def test_setup_needs_only_the_package_index_and_is_idempotent():
+    setup = load_cluster_yaml()["setup_commands"]
+    text = " ".join(setup)
+    assert not re.search(r"\b(curl|wget|http://|https://)", text), "setup fetches only through pip (the package index)"
+    assert all(re.search(r"(\|\||pip install)", command) for command in setup)  # guarded, or pip (keeps what is there)
+    assert setup[0].startswith("test -x ~/raycv-venv/bin/python ||")
+
+
+def header_commands(path) -> list[str]:
+    from test_ray_up import header_commands as parse
+
+    return parse(path.read_text())
+
+
+def test_documented_jobs_name_data_and_output_on_the_nodes():
+    """A job runs in an uploaded copy of the checkout without the git-ignored data/ and models/: the headers'
+    job commands name the data, the output and the storage by their place on the nodes."""
+    for path, home in ((CLUSTER_YAML, "/home/ubuntu"), (ONPREM_YAML, "/home/YOUR-USER")):
+        jobs = [c for c in header_commands(path) if c.startswith("ray job submit")]
+        assert len(jobs) == 1, path
+        assert f"data.path={home}/raycv/data/train.csv" in jobs[0]
+        assert f"run.output_dir={home}/raycv/runs/base" in jobs[0]
+        assert "run.storage_path=" in jobs[0]
+        assert f"ray rsync-down {path.name} {home}/raycv/runs/base runs/" in header_commands(path)
+
+
+def test_aws_header_commands_are_the_onprem_ones_test_ray_up_runs():
+    """Every command cluster.yaml's header shows is one cluster-onprem.yaml's header shows (which
+    tests/test_ray_up.py runs as written), with the config's name, the nodes' home and the storage replaced."""
+    def as_aws(command: str) -> str:
+        command = re.sub(r"\s+#.*", "", command)
+        for onprem, aws in (("cluster-onprem.yaml", "cluster.yaml"), ("/home/YOUR-USER", "/home/ubuntu"),
+                            ("/mnt/shared/raycv", "s3://YOUR-BUCKET/raycv")):
+            command = command.replace(onprem, aws)
+        return command
+
+    onprem = [as_aws(c) for c in header_commands(ONPREM_YAML) if "RAY_UP_enable_autoscaler_v2" not in c]
+    assert [as_aws(c) for c in header_commands(CLUSTER_YAML)] == onprem
 
 
 def test_ray_validation_rejects_a_broken_edit():
@@ -66,6 +131,7 @@ def test_cluster_yaml_security_settings():
     head_start = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start
     assert "--metrics-export-port=" in head_start
+    assert "--resources='{\"raycv_driver\": 100}'" in head_start  # also on cluster-onprem.yaml's head
 
 
 def test_cluster_yaml_installs_this_raycv_and_ray_version():
