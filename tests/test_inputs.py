@@ -545,3 +545,15 @@ def test_base_yaml_with_a_pretrained_backbone_by_override(train_csv, tmp_path):
     assert backbone == {"type": "pretrained", "path": str(minilm_dir())}
     assert out.rstrip().endswith("ok")
 
+
+
+def test_settings_the_data_cannot_take_are_refused_before_any_cut(train_csv, tmp_path):
+    """Issue 16: scikit-learn's "test_size = 4 should be greater or equal to the number of classes = 12"."""
+    space = SPACES_DIR / "smoke.yaml"
+    assert lines_of(["folds", space, f"data.path={train_csv}", "data.max_rows=2830", "--out", "f.csv"], tmp_path) == [
+        f"raycv: error: {train_csv}: data.max_rows: 2830 of the data's 2834 rows leaves 4 out, fewer than the 12 "
+        "target bins the sample is stratified on; use every row (data.max_rows=null) or at most 2822"]
+    assert lines_of(["validate", space, f"data.path={train_csv}", "data.num_bins=5000", "data.max_rows=null",
+                     "--no-model"], tmp_path) == [
+        f"raycv: error: {space}: {train_csv}: data.num_bins: 5000 target bins for 2834 rows in 3 folds leave fewer "
+        "rows per bin than folds; use at most 944 (or leave it out: floor(1 + log2 N) = 12)"]
