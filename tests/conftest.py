@@ -158,13 +158,14 @@ def pytest_collection_modifyitems(config, items):
             continue
         reason = "; ".join(reasons)
         if in_ci:
-            item.add_marker(pytest.mark.usefixtures("_fail_in_ci"))
             item.user_properties.append(("missing", reason))
         else:
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
-@pytest.fixture
-def _fail_in_ci(request):
-    missing = dict(request.node.user_properties)["missing"]
-    pytest.fail(f"CI=true and {missing}: CI must run this test, not skip it", pytrace=False)
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """In CI, a test whose program is missing fails before any of its fixtures (a Ray head, a run) start."""
+    missing = dict(item.user_properties).get("missing")
+    if missing:
+        pytest.fail(f"CI=true and {missing}: CI must run this test, not skip it", pytrace=False)
