@@ -193,6 +193,9 @@ class RunConfig(Section):
     checkpoint_every: int = Field(1, ge=1)  # evaluation points between fold checkpoints (and always the last)
     checkpoints_to_keep: int = Field(1, ge=1)  # per trial; a restarted worker group resumes from the newest
     max_failures: int = Field(1, ge=0)  # worker-group restarts per trial before it counts as an error
+    # How long a trial's fold workers may wait for their resources (an autoscaler adding a GPU node takes
+    # minutes) before the trial fails with one line naming what it waited for, instead of waiting forever.
+    resource_wait_s: float = Field(1800, ge=10)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 from pathlib import Path
@@ -56,6 +57,9 @@ from raycv.worker import train_fn_per_worker, write_trial_status
 log = logging.getLogger(__name__)
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}  # the shell's 128 + signal number
 STORAGE_OUTAGES_PER_TRIAL = 3  # times a trial's Train run resumes after the storage stopped answering
+# Ray Train waits this long for a worker group's resources per attempt (its default), and retries a timed-out
+# start as a controller failure: run.resource_wait_s is spent in attempts of at most this length.
+WORKER_GROUP_START_TIMEOUT_S = 60.0
 
 
 def train_driver_fn(params: dict, base_config: dict, encoded: EncodedFolds, num_points: int) -> None:
@@ -78,6 +82,13 @@ def train_driver_fn(params: dict, base_config: dict, encoded: EncodedFolds, num_
     # The Train run's state (its name and workers by rank = fold) for the dashboard's state API.
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     gpus = float(config.resources.gpus_per_fold)
+    per_fold = {"CPU": config.resources.cpus_per_fold, **({"GPU": gpus} if gpus > 0 else {}),
+                **config.resources.custom_per_fold}
+    # Bounded waiting for resources: Train passes this variable on to its controller, and retries a start
+    # that timed out as a controller failure, at most controller_failure_limit times.
+    start_timeout = min(WORKER_GROUP_START_TIMEOUT_S, config.run.resource_wait_s)
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(start_timeout)
+    start_retries = max(math.ceil(config.run.resource_wait_s / start_timeout) - 1, 0)
 
     def make_trainer() -> TorchTrainer:  # one per attempt: a storage outage starts another
         return TorchTrainer(
@@ -89,17 +100,14 @@ def train_driver_fn(params: dict, base_config: dict, encoded: EncodedFolds, num_
                 "config": config.to_dict(), "encoded": encoded, "trial_id": trial_id,
                 "num_points": num_points, "checkpoint_every": config.run.checkpoint_every,
             },
-            scaling_config=ScalingConfig(
-                num_workers=config.data.num_folds,
-                use_gpu=gpus > 0,
-                resources_per_worker={"CPU": config.resources.cpus_per_fold, **({"GPU": gpus} if gpus > 0 else {}),
-                                      **config.resources.custom_per_fold},
-            ),
+            scaling_config=ScalingConfig(num_workers=config.data.num_folds, use_gpu=gpus > 0,
+                                         resources_per_worker=per_fold),
             run_config=RunConfig(
                 name=storage.train_run_name(trial_id),
                 storage_path=config.run.storage_path,
                 callbacks=[TuneReportCallback()],
-                failure_config=FailureConfig(max_failures=config.run.max_failures),
+                failure_config=FailureConfig(max_failures=config.run.max_failures,
+                                             controller_failure_limit=start_retries),
                 checkpoint_config=CheckpointConfig(num_to_keep=config.run.checkpoints_to_keep),
                 # Ray Train logs every report and checkpoint at INFO; raycv's own progress line says what matters.
                 logging_config=LoggingConfig(log_level="WARNING"),
@@ -112,6 +120,11 @@ def train_driver_fn(params: dict, base_config: dict, encoded: EncodedFolds, num_
             return
         except TrainingFailedError as exc:
             reason = describe_failure(exc)
+            if type(getattr(exc, "controller_failure", None)).__name__ == "WorkerGroupStartupTimeoutError":
+                wanted = ", ".join(f"{amount:g} {name}" for name, amount in per_fold.items())
+                reason = (f"waited {config.run.resource_wait_s:g} s (run.resource_wait_s) for {config.data.num_folds} "
+                          f"fold workers of {wanted} each, which the cluster never had free; free or add them, "
+                          "lower resources.*_per_fold, or raise run.resource_wait_s")
             if attempt < STORAGE_OUTAGES_PER_TRIAL and storage.mentions_outage(str(exc)):
                 # The folds failed because the storage stopped answering (a checkpoint upload, most likely), not
                 # because of the trial: once it answers again the same Train run resumes from its last checkpoint.
