@@ -144,8 +144,6 @@ def interrupted_run(tmp_path_factory, train_csv):
         second = wait_for(lambda: trial_past_second_checkpoint(run_dir, {first}) if any(
             t["status"] in ENDED for t in run_state(run_dir)["trials"]) else None,
             proc, log_path, 600, "second trial past its second checkpoint")
-        before_kill = {"curve": (run_dir / "ray" / "results" / second / "curve.csv").read_text(),
-                       "checkpoints": checkpoints(run_dir, second)}
         started = process_tree(proc.pid)
     finally:
         kill_group(proc)  # SIGKILL: the driver and the local Ray it started; nothing gets to clean up
@@ -153,6 +151,9 @@ def interrupted_run(tmp_path_factory, train_csv):
     deadline = time.monotonic() + 60  # Ray workers have process groups of their own: they follow their raylet
     while survivors(started) and time.monotonic() < deadline:
         time.sleep(1)
+    # What the storage holds once nothing writes to it any more: the checkpoints a resume can start from.
+    before_kill = {"curve": (run_dir / "ray" / "results" / second / "curve.csv").read_text(),
+                   "checkpoints": checkpoints(run_dir, second)}
     seen["killed"] = {"trial": second, "out": log_path.read_text(), "state": run_state(run_dir),
                       "started": len(started), "survivors": survivors(started), **before_kill}
 
