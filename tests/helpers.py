@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import json
 import os
 import secrets
@@ -123,12 +124,19 @@ def raycv_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 
 
+def die_with_pytest() -> None:
+    """preexec_fn: the child gets SIGTERM when the test process dies, even by SIGKILL or an outer timeout
+    that leaves no time for fixtures' clean-up (Linux's PR_SET_PDEATHSIG), so a head or a driver a test
+    started never outlives the test run."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def run_raycv(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
     """`python -m raycv.cli ARGS` in its own process group; past `timeout` the whole group (the driver and
     the local Ray it started, which shares its fate) is killed and the test fails instead of hanging."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "raycv.cli", *args], cwd=cwd, env=raycv_env(), text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, preexec_fn=die_with_pytest,
     )
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -137,6 +145,25 @@ def run_raycv(args: list[str], cwd: Path, timeout: float) -> subprocess.Complete
         out, err = proc.communicate()
         pytest.fail(f"raycv {' '.join(args)} ran past {timeout} s\n{out[-3000:]}\n{err[-3000:]}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def start_raycv(args: list[str], cwd: Path, log_path: Path) -> subprocess.Popen:
+    """`python -m raycv.cli ARGS` in the background, in its own process group, its output in `log_path`;
+    the test ends it (kill_group)."""
+    with open(log_path, "w") as log:
+        return subprocess.Popen([sys.executable, "-m", "raycv.cli", *args], cwd=cwd, env=raycv_env(), text=True,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=die_with_pytest)
+
+
+def wait_for(condition, proc: subprocess.Popen, log_path: Path, limit_s: float, what: str):
+    """Poll `condition` until it returns something true (returned), while `proc` runs and within `limit_s`."""
+    deadline = time.monotonic() + limit_s
+    while not (found := condition()):
+        assert proc.poll() is None, f"raycv exited before {what}:\n{log_path.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {what} within {limit_s} s:\n{log_path.read_text()[-3000:]}"
+        time.sleep(0.3)
+    return found
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -174,6 +201,7 @@ def ray_head(home: Path, extra_args: list[str] = (), extra_env: dict | None = No
          f"--metrics-export-port={ports['metrics']}", "--disable-usage-stats", f"--temp-dir={temp_dir}",
          *extra_args],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        preexec_fn=die_with_pytest,
     )
     try:
         deadline = time.monotonic() + 180

@@ -17,8 +17,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,7 +24,7 @@ import pandas as pd
 import psutil
 import pytest
 
-from helpers import kill_group, raycv_env, run_raycv
+from helpers import kill_group, run_raycv, start_raycv, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
 
@@ -34,26 +32,11 @@ ENDED = {"finished", "stopped", "diverged", "error"}
 NUM_POINTS = 6  # smoke.yaml: 6 epochs, one evaluation point each
 
 
-def start_raycv(args: list[str], cwd: Path, log_path: Path) -> subprocess.Popen:
-    with open(log_path, "w") as log:
-        return subprocess.Popen([sys.executable, "-m", "raycv.cli", *args], cwd=cwd, env=raycv_env(), text=True,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
 def run_state(run_dir: Path) -> dict:
     try:
         return json.loads((run_dir / "run.json").read_text())
     except (OSError, json.JSONDecodeError):  # not there yet, or being replaced
         return {"trials": []}
-
-
-def wait_for(condition, proc: subprocess.Popen, log_path: Path, limit_s: float, what: str):
-    deadline = time.monotonic() + limit_s
-    while not (found := condition()):
-        assert proc.poll() is None, f"raycv exited before {what}:\n{log_path.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"no {what} within {limit_s} s:\n{log_path.read_text()[-3000:]}"
-        time.sleep(0.3)
-    return found
 
 
 def curve_rows(run_dir: Path, trial_id: str) -> int:

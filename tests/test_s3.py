@@ -15,7 +15,6 @@ import contextlib
 import json
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from helpers import free_port, kill_group, raycv_env, run_raycv
+from helpers import free_port, kill_group, run_raycv, start_raycv, wait_for
 
 boto3 = pytest.importorskip("boto3")
 moto_server = pytest.importorskip("moto.server")
@@ -132,20 +131,6 @@ def run_state(run_dir: Path) -> dict:
         return json.loads((run_dir / "run.json").read_text())
     except (OSError, json.JSONDecodeError):
         return {"trials": []}
-
-
-def start_raycv(args: list[str], cwd: Path, log_path: Path) -> subprocess.Popen:
-    with open(log_path, "w") as log:
-        return subprocess.Popen([sys.executable, "-m", "raycv.cli", *args], cwd=cwd, env=raycv_env(), text=True,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_for(condition, proc: subprocess.Popen, log_path: Path, limit_s: float, what: str) -> None:
-    deadline = time.monotonic() + limit_s
-    while not condition():
-        assert proc.poll() is None, f"raycv exited before {what}:\n{log_path.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"no {what} within {limit_s} s:\n{log_path.read_text()[-3000:]}"
-        time.sleep(0.5)
 
 
 # ---------------------------------------------------------------- before Ray: the probe (no Ray, seconds)
