@@ -48,6 +48,10 @@ class TrialRecord:
     eval_points: int = 0  # evaluation points whose pooled predictions were written
     reason: str | None = None  # one line, for status diverged or error
     train_run: str = ""  # the trial's Ray Train run (its storage folder and dashboard name)
+    # times its fold workers resumed from a checkpoint (a lost worker or node, --resume), and the evaluation
+    # points they trained again because those came after the checkpoint
+    restarts: int = 0
+    points_redone: int = 0
 
 
 @dataclass
@@ -142,6 +146,9 @@ def collect_trial(storage_path: str, run_dir: Path, record: TrialRecord) -> None
         storage.write_text_atomic(local(run_dir, record.trial_id), text)
         if kind == "curve":
             record.eval_points = len(pd.read_csv(io.StringIO(text)))
+    restarts = json.loads(storage.read_text(storage_path, files["restarts"]) or "[]")
+    record.restarts = len(restarts)
+    record.points_redone = sum(restart["points_redone"] for restart in restarts)
     status = storage.read_text(storage_path, files["status"])
     if status:
         written = json.loads(status)

@@ -108,7 +108,8 @@ def build_report(loaded: dict) -> dict:
     run, oofs = loaded["run"], loaded["oofs"]
     trials = []
     for trial in loaded["trials"]:
-        row = {key: getattr(trial, key) for key in ("trial_id", "params", "status", "eval_points", "reason")}
+        row = {key: getattr(trial, key)
+               for key in ("trial_id", "params", "status", "eval_points", "reason", "restarts", "points_redone")}
         row.update(score_trial(oofs[trial.trial_id]) if trial.trial_id in oofs else NO_SCORES)
         trials.append(row)
     trials.sort(key=lambda t: (t["cv_rmse_last"] is None, t["cv_rmse_last"] or 0.0))
@@ -166,6 +167,7 @@ def trials_table(report: dict) -> pd.DataFrame:
     rows = []
     for t in report["trials"]:
         row = {"trial_id": t["trial_id"], "status": t["status"], "eval_points": t["eval_points"],
+               "restarts": t["restarts"], "points_redone": t["points_redone"],
                "cv_rmse_last": t["cv_rmse_last"], "cv_rmse_best": t["cv_rmse_best"]}
         row.update({f"param.{k}": v for k, v in t["params"].items()})
         for which in ("last", "best"):
@@ -216,6 +218,8 @@ def markdown(report: dict, plots: dict[str, str]) -> str:
         spread = (f"{t['fold_rmse_last_mean']:.4f} ± {t['fold_rmse_last_std']:.4f}"
                   if t.get("fold_rmse_last_mean") is not None else "-")
         status = t["status"] + (f" ({t['reason']})" if t["reason"] else "")
+        if t["restarts"]:
+            status += f"; resumed {t['restarts']}x from fold checkpoints, {t['points_redone']} point(s) redone"
         lines.append(
             "| " + " | ".join([t["trial_id"], *(_fmt(t["params"].get(k)) for k in searched)])
             + f" | {status} | {t['eval_points']} | {_fmt(t['cv_rmse_last'])} | {_fmt(t['cv_rmse_best'])} "

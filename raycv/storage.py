@@ -11,6 +11,7 @@ Two places, one layout, named here once:
         results/<trial>/oof.csv       rank 0's pooled predictions and curve, rewritten at every point
         results/<trial>/curve.csv
         results/<trial>/status.json   how the trial ended (diverged or failed: why, in one line)
+        results/<trial>/restarts.json each resume from fold checkpoints: from which point, points redone
 
 Ray's storage is reached through pyarrow's filesystems, the layer Ray itself uses for `storage_path`.
 """
@@ -53,7 +54,8 @@ def checkpoint_dir_name(eval_point: int) -> str:
 def trial_files(trial_id: str) -> dict[str, str]:
     """Where rank 0 keeps a trial's pooled results in the storage (paths relative to it)."""
     return {"oof": f"results/{trial_id}/oof.csv", "curve": f"results/{trial_id}/curve.csv",
-            "status": f"results/{trial_id}/status.json"}  # written when the trial ends
+            "status": f"results/{trial_id}/status.json",  # written when the trial ends
+            "restarts": f"results/{trial_id}/restarts.json"}  # one entry per resume from a fold checkpoint
 
 
 def run_oof_path(run_dir: Path, trial_id: str) -> Path:

@@ -177,12 +177,23 @@ def restore_fold_state(fold: int) -> dict | None:
 
 
 def restore_curve(storage_path: str, trial_id: str, state: dict | None) -> list[dict]:
-    """The pooled curve rank 0 had written up to the checkpoint it resumes from."""
+    """The pooled curve rank 0 had written up to the checkpoint it resumes from; the restart (from which
+    point, how many points it reached before and so trains again) is added to the trial's restarts file."""
     text = storage.read_text(storage_path, storage.trial_files(trial_id)["curve"]) if state else None
     if not text:
         return []
     previous = pd.read_csv(io.StringIO(text))
-    return previous[previous["eval_point"] <= len(state["curve"])].to_dict("records")
+    resumed_at = len(state["curve"])
+    record_restart(storage_path, trial_id, resumed_at, int((previous["eval_point"] > resumed_at).sum()))
+    return previous[previous["eval_point"] <= resumed_at].to_dict("records")
+
+
+def record_restart(storage_path: str, trial_id: str, checkpoint_point: int, points_redone: int) -> None:
+    """Append one restart to the trial's restarts file (rank 0 only): what the report shows of it."""
+    path = storage.trial_files(trial_id)["restarts"]
+    restarts = json.loads(storage.read_text(storage_path, path) or "[]")
+    restarts.append({"checkpoint_point": checkpoint_point, "points_redone": points_redone})
+    storage.write_text(storage_path, path, json.dumps(restarts))
 
 
 # ---------------------------------------------------------------- Ray internals raycv depends on

@@ -147,11 +147,11 @@ def run_raycv(args: list[str], cwd: Path, timeout: float) -> subprocess.Complete
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def start_raycv(args: list[str], cwd: Path, log_path: Path) -> subprocess.Popen:
+def start_raycv(args: list[str], cwd: Path, log_path: Path, env: dict | None = None) -> subprocess.Popen:
     """`python -m raycv.cli ARGS` in the background, in its own process group, its output in `log_path`;
-    the test ends it (kill_group)."""
+    the test ends it (kill_group). `env`: default, that of a run which starts its own local Ray."""
     with open(log_path, "w") as log:
-        return subprocess.Popen([sys.executable, "-m", "raycv.cli", *args], cwd=cwd, env=raycv_env(), text=True,
+        return subprocess.Popen([sys.executable, "-m", "raycv.cli", *args], cwd=cwd, env=env or raycv_env(), text=True,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=die_with_pytest)
 
@@ -210,7 +210,7 @@ def ray_head(home: Path, extra_args: list[str] = (), extra_env: dict | None = No
             assert time.monotonic() < deadline, "the head's dashboard did not answer within 180 s"
             time.sleep(1)
         yield {"ports": ports, "token": token, "token_path": token_path, "env": env,
-               "address": f"127.0.0.1:{ports['gcs']}", "dashboard": dashboard}
+               "address": f"127.0.0.1:{ports['gcs']}", "dashboard": dashboard, "temp_dir": temp_dir}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # --block: ray stops the processes it started
         with contextlib.suppress(subprocess.TimeoutExpired):
