@@ -2,10 +2,11 @@
 chromium driven by Playwright, with the cluster's token), Prometheus (Debian's) scraping the node as Ray's
 documented set-up does, and raycv's Grafana dashboard definition.
 
-One real run serves the Ray tests here: a head started by the test (token authentication on), and
-`raycv tune --address` on it running one trial of the smoke space with enough evaluation points to still be
-training while the browser looks. Every Ray test has a hard time limit; the run, Prometheus and the head
-are stopped at the end, whatever happens.
+One real run serves the Ray tests here: a head started by the test (token authentication on, one logical
+GPU), and `raycv tune --address` on it running one trial of the smoke space, its three folds sharing that GPU
+(resources.gpus_per_fold 0.2), with enough evaluation points to still be training while the browser looks.
+The same run shows that raycv joins a running cluster and leaves it running. Every Ray test has a hard time
+limit; the run, Prometheus and the head are stopped at the end, whatever happens.
 
     RAYCV_SCREENSHOTS=raycv/assets python -m pytest tests/test_dashboard.py    # README's screenshots
 """
@@ -29,16 +30,17 @@ import yaml
 import raycv
 from raycv.metrics import FoldMetrics
 
-from helpers import free_port, kill_group, ray_head
+from helpers import die_with_pytest, free_port, kill_group, list_actors, ray_head
 
 DASHBOARD_JSON = Path(raycv.__file__).parent / "dashboards" / "raycv_grafana_dashboard.json"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-# One trial (no ASHA), 3 folds, 12 evaluation points of the tiny model: long enough to be training while
-# the browser looks, short enough for CI.
+# One trial (no ASHA), 3 folds sharing one GPU, 12 evaluation points of the tiny model: long enough to be
+# training while the browser looks, short enough for CI.
 RUN_ARGS = ["spaces/smoke.yaml", "run.name=watch", "search.params={train.lr: {grid: [0.003]}}",
-            "search.num_samples=1", "scheduler.type=none", "train.epochs=4", "train.evals_per_epoch=3"]
+            "search.num_samples=1", "scheduler.type=none", "train.epochs=4", "train.evals_per_epoch=3",
+            "resources.gpus_per_fold=0.2"]
 NUM_FOLDS, NUM_POINTS = 3, 12
 
 
@@ -100,7 +102,9 @@ def watched(tmp_path_factory, train_csv):
     home = tmp_path_factory.mktemp("dashboard")
     # A listen port of its own for the node's dashboard agent, which serves the workers' logs to the dashboard:
     # the default one (52365) belongs to whichever other Ray on this machine took it first.
-    with ray_head(home, ["--num-cpus=2", f"--dashboard-agent-listen-port={free_port()}"]) as head:
+    # One (logical) GPU: enough for a trial whose folds share it (resources.gpus_per_fold 0.2).
+    with ray_head(home, ["--num-cpus=2", "--num-gpus=1", f"--dashboard-agent-listen-port={free_port()}"]) as head, \
+            prometheus_watching(head, home) as prometheus_port:
         env = {k: v for k, v in head["env"].items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
         out_dir, console = home / "runs" / "watch", home / "tune.out"
         with console.open("w") as stream:
@@ -111,7 +115,7 @@ def watched(tmp_path_factory, train_csv):
             )
         try:
             yield {**head, "proc": proc, "out_dir": out_dir, "console": console,
-                   "headers": {"Authorization": f"Bearer {head['token']}"}}
+                   "headers": {"Authorization": f"Bearer {head['token']}"}, "prometheus_port": prometheus_port}
         finally:
             kill_group(proc)
             proc.wait()
@@ -153,9 +157,8 @@ def training(watched):
 @contextlib.contextmanager
 def browser(watched):
     """Debian's chromium, driven by Playwright, sending the cluster's token as a person's browser would."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package (test extra) is missing")
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"no browser: {CHROMIUM} is missing (apt-get install chromium, as .ci/run does)")
+    from playwright import sync_api  # the test extra
+
     with sync_api.sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=120_000)
         try:
@@ -177,6 +180,7 @@ def screenshot(page, name: str) -> None:
 
 
 @pytest.mark.ray
+@pytest.mark.needs("chromium")
 @pytest.mark.timeout(900)
 def test_the_dashboard_shows_each_fold_worker_and_its_progress(watched, training):
     trial, workers = training["trial"], training["workers"]
@@ -228,53 +232,78 @@ def test_the_dashboard_shows_each_fold_worker_and_its_progress(watched, training
 # ---------------------------------------------------------------- Prometheus scraping the node
 
 
-def session_dir(watched) -> Path:
+def session_dir(head: dict) -> Path:
     """The head's session directory (where Ray writes its Prometheus and Grafana configs), from the node's
     record in the dashboard."""
-    response = requests.get(f"{watched['dashboard']}/nodes?view=summary", headers=watched["headers"], timeout=30)
+    response = requests.get(f"{head['dashboard']}/nodes?view=summary", timeout=30,
+                            headers={"Authorization": f"Bearer {head['token']}"})
     response.raise_for_status()
     (node,) = response.json()["data"]["summary"]
     return Path(node["raylet"]["sessionDir"])
 
 
-@pytest.mark.ray
-@pytest.mark.timeout(900)
-def test_prometheus_scrapes_raycv_metrics_with_the_trials_labels(watched, training, tmp_path):
+@contextlib.contextmanager
+def prometheus_watching(head: dict, home: Path):
+    """Debian's Prometheus with the Prometheus config Ray wrote for this session (README's Prometheus step
+    runs exactly this file), scraping from before the run starts; yields its port (None without it)."""
     prometheus = shutil.which("prometheus")
-    if prometheus is None:
-        pytest.skip("no prometheus binary (apt-get install prometheus, as .ci/run does)")
-    # Ray's own Prometheus config for this session: it scrapes every node listed in the service-discovery
-    # file Ray keeps up to date (README's Prometheus step runs exactly this file).
-    config = session_dir(watched) / "metrics" / "prometheus" / "prometheus.yml"
-    sd_files = yaml.safe_load(config.read_text())["scrape_configs"][0]["file_sd_configs"][0]["files"]
-    assert Path(sd_files[0]).is_file() and str(watched["ports"]["metrics"]) in Path(sd_files[0]).read_text()
+    if prometheus is None:  # its test is skipped, or fails in CI (tests/conftest.py)
+        yield None
+        return
+    deadline = time.monotonic() + 120
+    while True:  # a head that has just started may not list its node, or have written the config, yet
+        with contextlib.suppress(requests.RequestException, ValueError, KeyError):
+            config = session_dir(head) / "metrics" / "prometheus" / "prometheus.yml"
+            if config.is_file():
+                break
+        assert time.monotonic() < deadline, "the head wrote no Prometheus config within 120 s"
+        time.sleep(2)
     port = free_port()
     proc = subprocess.Popen(
         [prometheus, f"--config.file={config}", f"--web.listen-address=127.0.0.1:{port}",
-         f"--storage.tsdb.path={tmp_path / 'tsdb'}"],
-        stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("w"), start_new_session=True,
+         f"--storage.tsdb.path={home / 'tsdb'}"],
+        stdout=subprocess.DEVNULL, stderr=(home / "prometheus.log").open("w"), start_new_session=True,
+        preexec_fn=die_with_pytest,
     )
     try:
-        deadline, result = time.monotonic() + 240, []
-        query = f'ray_raycv_cv_rmse{{run="watch",trial="{training["trial"]}"}}'
-        while not result:
-            assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, f"Prometheus never answered {query}"
-            time.sleep(3)
-            with contextlib.suppress(requests.RequestException):
-                answer = requests.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": query}, timeout=10)
-                result = answer.json()["data"]["result"] if answer.ok else []
-        (series,) = result
-        assert series["metric"]["__name__"] == "ray_raycv_cv_rmse"
-        assert series["metric"]["run"] == "watch" and series["metric"]["trial"] == training["trial"]
-        assert 0.3 < float(series["value"][1]) < 3.0
-        # Every fold of the trial, by its label, in the per-fold series.
-        folds = requests.get(f"http://127.0.0.1:{port}/api/v1/query", timeout=10, params={
-            "query": f'max by (fold) (ray_raycv_eval_points{{trial="{training["trial"]}"}})'}).json()["data"]["result"]
-        assert sorted(s["metric"]["fold"] for s in folds) == [str(k) for k in range(NUM_FOLDS)]
+        yield port
     finally:
         kill_group(proc)
         proc.wait()
+
+
+def prometheus_query(port: int, query: str) -> list[dict]:
+    with contextlib.suppress(requests.RequestException):
+        answer = requests.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": query}, timeout=10)
+        return answer.json()["data"]["result"] if answer.ok else []
+    return []
+
+
+@pytest.mark.ray
+@pytest.mark.needs("prometheus")
+@pytest.mark.timeout(900)
+def test_prometheus_scrapes_raycv_metrics_with_the_trials_labels(watched, training):
+    # Ray's own Prometheus config for this session scrapes every node listed in the service-discovery file Ray
+    # keeps up to date: the head's metrics port is in it.
+    config = session_dir(watched) / "metrics" / "prometheus" / "prometheus.yml"
+    sd_files = yaml.safe_load(config.read_text())["scrape_configs"][0]["file_sd_configs"][0]["files"]
+    assert Path(sd_files[0]).is_file() and str(watched["ports"]["metrics"]) in Path(sd_files[0]).read_text()
+    port = watched["prometheus_port"]
+    # Over the whole run (a series that stopped being exported, as a finished trial's does, is stale for an
+    # instant query but its samples stay).
+    selector = f'ray_raycv_cv_rmse{{run="watch",trial="{training["trial"]}"}}'
+    query = f"max_over_time({selector}[30m])"
+    deadline = time.monotonic() + 240
+    while not (result := prometheus_query(port, query)):
+        assert time.monotonic() < deadline, f"Prometheus never answered {query}"
+        time.sleep(3)
+    (series,) = result
+    assert series["metric"]["run"] == "watch" and series["metric"]["trial"] == training["trial"]
+    assert 0.3 < float(series["value"][1]) < 3.0
+    # Every fold of the trial, by its label, in the per-fold series.
+    folds = prometheus_query(
+        port, f'max by (fold) (max_over_time(ray_raycv_eval_points{{trial="{training["trial"]}"}}[30m]))')
+    assert sorted(s["metric"]["fold"] for s in folds) == [str(k) for k in range(NUM_FOLDS)]
 
 
 # ---------------------------------------------------------------- what the job's overview counts as failed
@@ -289,11 +318,7 @@ ACTOR_GONE = {"ACTOR_DIED", "WORKER_DIED", "TASK_CANCELLED", "NODE_DIED", "ACTOR
 def test_the_only_failed_tasks_of_a_healthy_run_are_tunes_queue_polls(watched):
     """README: the failed tasks the dashboard counts for a raycv job are `_QueueActor.get` calls that end in
     `ray.util.queue.Empty` -- Tune polling the queue TuneReportCallback reports through -- and nothing else."""
-    try:
-        watched["proc"].wait(timeout=600)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"raycv tune ran past 600 s:\n{watched['console'].read_text()[-4000:]}")
-    assert watched["proc"].returncode == 0, watched["console"].read_text()[-4000:]
+    finished_run(watched)
     report = json.loads((watched["out_dir"] / "report.json").read_text())
     assert [t["status"] for t in report["trials"]] == ["finished"]
     code = (
@@ -317,3 +342,46 @@ def test_the_only_failed_tasks_of_a_healthy_run_are_tunes_queue_polls(watched):
     # end with the queue's actor, which goes with the trial).
     raised = [message for _, kind, message in failed if kind == "TASK_EXECUTION_EXCEPTION"]
     assert raised and all(message.endswith("ray.util.queue.Empty") for message in raised), raised[:3]
+
+
+# ---------------------------------------------------------------- the same run: joined, folds on one GPU
+
+
+def finished_run(watched) -> str:
+    """The watched run's console once it has ended (exit 0)."""
+    try:
+        watched["proc"].wait(timeout=600)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"raycv tune ran past 600 s:\n{watched['console'].read_text()[-4000:]}")
+    console = watched["console"].read_text()
+    assert watched["proc"].returncode == 0, console[-4000:]
+    return console
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_raycv_tune_joins_a_running_cluster_and_leaves_it_running(watched):
+    console = finished_run(watched)
+    assert f"joined the Ray cluster at {watched['address']}" in console
+    assert (watched["out_dir"] / "report.md").is_file()
+    status = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "status", f"--address={watched['address']}"],
+                            env=watched["env"], capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_folds_share_one_gpu(watched):
+    """resources.gpus_per_fold 0.2: the trial's three fold workers are placed together on the head's single
+    GPU (a logical one here: this machine has no CUDA, so the folds compute on the CPU) and pool their
+    predictions over gloo, which, unlike NCCL, takes several ranks on one device."""
+    console = finished_run(watched)
+    assert "0.2 GPU + 0.5 CPU per fold" in console
+    # Each fold worker held 0.2 of a GPU in the trial's placement group (resources named GPU_group_<pg>), all
+    # three in one group on the head's single GPU.
+    workers = list_actors(watched["dashboard"], "RayTrainWorker", watched["env"])
+    shares = [{k: v for k, v in (w["required_resources"] or {}).items() if re.fullmatch(r"GPU_group_[0-9a-f]+", k)}
+              for w in workers]
+    shares = [share for share in shares if share]
+    assert len(shares) == 3 and all(list(share.values()) == [pytest.approx(0.2)] for share in shares), workers
+    assert len({key for share in shares for key in share}) == 1  # one placement group: one trial
