@@ -185,6 +185,10 @@ def test_the_interrupted_trial_resumes_from_its_checkpoint(interrupted_run):
     assert 2 <= after[0] - 1 <= before[-1]  # resumed from a checkpoint at point 2 or later
     assert 1 not in after and after[-1] == NUM_POINTS
     assert "resumes at step" in interrupted_run["killed"]["out"]
+    # The report counts the restart and the points trained again (those past the checkpoint).
+    reached = next(t for t in interrupted_run["interrupted"]["state"]["trials"] if t["trial_id"] == trial_id)
+    trial = next(t for t in interrupted_run["report"]["trials"] if t["trial_id"] == trial_id)
+    assert (trial["restarts"], trial["points_redone"]) == (1, reached["eval_points"] - (after[0] - 1))
 
 
 def test_a_killed_driver_strands_nothing(interrupted_run):
@@ -241,6 +245,8 @@ def test_the_killed_trial_resumes_at_its_checkpoint(interrupted_run):
     final_lines = (run_dir / "curves" / f"{trial_id}.csv").read_text().splitlines()
     assert final_lines[: resumed_from + 1] == before_lines[: resumed_from + 1]  # header + points up to it
     assert len(final_lines) == NUM_POINTS + 1
+    trial = next(t for t in interrupted_run["report"]["trials"] if t["trial_id"] == trial_id)
+    assert (trial["restarts"], trial["points_redone"]) == (1, len(before_lines) - 1 - resumed_from)
 
 
 def test_the_resumed_run_equals_an_uninterrupted_one(interrupted_run, smoke_run):
