@@ -233,7 +233,8 @@ def list_actors(dashboard_url: str, class_name: str, env: dict | None = None) ->
         "import json, sys; from ray.util.state import list_actors; "
         f"actors = list_actors(address={dashboard_url!r}, filters=[('class_name', '=', {class_name!r})], "
         "detail=True, limit=10000); "
-        "print(json.dumps([{'pid': a.pid, 'state': a.state, 'required_resources': a.required_resources} "
+        "print(json.dumps([{'pid': a.pid, 'state': a.state, 'required_resources': a.required_resources, "
+        "'node_id': a.node_id} "
         "for a in actors]))"
     )
     env = {**(env or os.environ), "RAY_AUTH_MODE": "token"}

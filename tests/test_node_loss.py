@@ -24,7 +24,7 @@ import pytest
 
 from raycv.cluster import DRIVER_RESOURCE
 
-from helpers import die_with_pytest, kill_group, ray_head, start_raycv, wait_for
+from helpers import die_with_pytest, kill_group, list_actors, ray_head, start_raycv, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
@@ -68,14 +68,8 @@ def nodes_by_name(head: dict) -> dict[str, str]:
 
 def fold_worker_nodes(head: dict, alive: bool = True) -> list[str]:
     """The node id of each fold worker (those alive now, or all the cluster has had)."""
-    state = ", ('state', '=', 'ALIVE')" if alive else ""
-    code = ("import json; from ray.util.state import list_actors; "
-            f"actors = list_actors(address={head['dashboard']!r}, filters=[('class_name', '=', 'RayTrainWorker')"
-            f"{state}], detail=True, limit=10000); print(json.dumps([a.node_id for a in actors]))")
-    proc = subprocess.run([sys.executable, "-c", code], env={**head["env"], "RAY_AUTH_MODE": "token"},
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    workers = list_actors(head["dashboard"], "RayTrainWorker", head["env"])
+    return [worker["node_id"] for worker in workers if worker["state"] == "ALIVE" or not alive]
 
 
 def test_a_lost_node_costs_the_points_since_the_checkpoint_not_the_trial(tmp_path, train_csv):
