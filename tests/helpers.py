@@ -119,6 +119,18 @@ def pooled_rmse(frame: pd.DataFrame, column: str) -> float:
     return float(np.sqrt(np.mean((frame[column].to_numpy() - frame["target"].to_numpy()) ** 2)))
 
 
+# The statuses of a trial that never runs again, written out here as the tests expect them (raycv.collect.ENDED).
+ENDED = frozenset(("finished", "stopped", "diverged", "error"))
+
+
+def run_state(run_dir: Path) -> dict:
+    """A run's run.json, or no trials where it is not there yet (or being replaced)."""
+    try:
+        return json.loads((run_dir / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {"trials": []}
+
+
 def raycv_env() -> dict[str, str]:
     """The environment for a raycv subprocess that must start its own local Ray (never join another)."""
     return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

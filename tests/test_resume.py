@@ -24,19 +24,12 @@ import pandas as pd
 import psutil
 import pytest
 
-from helpers import kill_group, run_raycv, start_raycv, wait_for
+from helpers import ENDED, kill_group, run_raycv, run_state, start_raycv, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
 
-ENDED = {"finished", "stopped", "diverged", "error"}
 NUM_POINTS = 6  # smoke.yaml: 6 epochs, one evaluation point each
 
-
-def run_state(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / "run.json").read_text())
-    except (OSError, json.JSONDecodeError):  # not there yet, or being replaced
-        return {"trials": []}
 
 
 def curve_rows(run_dir: Path, trial_id: str) -> int:

@@ -22,14 +22,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from helpers import free_port, kill_group, run_raycv, start_raycv, wait_for
+from helpers import ENDED, free_port, kill_group, run_raycv, run_state, start_raycv, wait_for
 
 boto3 = pytest.importorskip("boto3")
 moto_server = pytest.importorskip("moto.server")
 
 BUCKET, PREFIX = "raycv-test-runs", "smoke"
 STORAGE = f"s3://{BUCKET}/{PREFIX}"
-ENDED = {"finished", "stopped", "diverged", "error"}
 OUTAGE_S = 10  # how long the endpoint is away during the resumed run
 
 
@@ -125,12 +124,6 @@ def objects(client, prefix: str = PREFIX) -> dict[str, dict]:
             found[item["Key"]] = {k: item[k] for k in ("ETag", "LastModified", "Size")}
     return found
 
-
-def run_state(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / "run.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {"trials": []}
 
 
 # ---------------------------------------------------------------- before Ray: the probe (no Ray, seconds)
