@@ -25,9 +25,9 @@ class Section(BaseModel):
 
 class DataConfig(Section):
     path: str = "data/train.csv"  # Kaggle's train.csv; relative: against the YAML's folder, then the working dir
-    id_column: str = "id"
-    text_column: str = "excerpt"
-    target_column: str = "target"
+    id_column: str = "id"  # the column of unique row ids (kept in the OOF predictions and submissions)
+    text_column: str = "excerpt"  # the column of texts to read
+    target_column: str = "target"  # the column of numbers to predict (CommonLit: readability)
     num_folds: int = Field(5, ge=2, le=50)  # k of k-fold CV; one Ray Train worker per fold
     # shuffles rows before binning; 1000 gives the StructBERT fork's published folds
     fold_seed: int = Field(1000, ge=0, le=2**32 - 1)
@@ -36,23 +36,23 @@ class DataConfig(Section):
 
 
 class PretrainedBackbone(Section):
-    type: Literal["pretrained"]
+    type: Literal["pretrained"]  # a pretrained transformers model
     path: str  # a transformers directory (config + weights + tokenizer), "minilm-l6", or hub:NAME
 
 
 class StructBertBackbone(Section):
-    type: Literal["structbert"]
+    type: Literal["structbert"]  # AliceMind's StructBERT checkpoint, loaded into a transformers BertModel
     checkpoint: str  # AliceMind's en_model: a torch state dict (bare, bert. or module.bert. keys, gamma/beta)
     config: str  # AliceMind's large_bert_config.json
     vocab: str  # AliceMind's vocab.txt (uncased BERT WordPiece)
 
 
 class TinyBackbone(Section):
-    type: Literal["tiny"]
-    hidden_size: int = Field(32, ge=4)
-    num_layers: int = Field(2, ge=1)
-    num_heads: int = Field(2, ge=1)
-    intermediate_size: int = Field(64, ge=4)
+    type: Literal["tiny"]  # a small random BERT, for tests and smoke runs
+    hidden_size: int = Field(32, ge=4)  # width of every layer; a multiple of num_heads
+    num_layers: int = Field(2, ge=1)  # encoder layers
+    num_heads: int = Field(2, ge=1)  # attention heads per layer
+    intermediate_size: int = Field(64, ge=4)  # width of each layer's feed-forward block
     tokenizer: str = MINILM_ALIAS  # a transformers directory with a fast tokenizer, or hub:NAME
 
     @model_validator(mode="after")
@@ -75,20 +75,20 @@ class ModelConfig(Section):
     attention: Literal["sdpa", "eager"] = "sdpa"  # transformers' attention kernel
     # Dropout on the attention weights; null keeps the backbone's own (0.1 for BERT and MiniLM). At 0, PyTorch's
     # SDPA runs its fused kernel on CPU instead of materialising every attention matrix for backward: `raycv
-    # train-fold minilm_cpu.yaml` (800 rows, 1 epoch) took 92 s instead of 186 s (README, Performance).
+    # train-fold minilm_cpu.yaml` (800 rows, 1 epoch) took 92 s instead of 186 s (docs/performance.md).
     attention_dropout: float | None = Field(None, ge=0, lt=1)
 
 
 class TrainConfig(Section):
-    epochs: int = Field(3, ge=1)
-    batch_size: int = Field(8, ge=1)
+    epochs: int = Field(3, ge=1)  # passes over each fold's training rows
+    batch_size: int = Field(8, ge=1)  # rows per optimiser step
     micro_batch_size: int | None = Field(None, ge=1)  # rows per forward/backward pass; None: batch_size
     # Each batch is padded to its longest row rounded up to a multiple of this (never past model.max_length),
     # as transformers' `pad_to_multiple_of`: on CPU every new sequence length costs a fold worker memory that
     # stays (measured: about 12 MB per distinct length, 1.06 GB flat with 8 against 1.46 GB and growing with
     # 1, over 40 MiniLM-L6 steps); GPUs' tensor cores want multiples of 8 too. 1: the longest row exactly.
     pad_to_multiple_of: int = Field(8, ge=1)
-    eval_batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(32, ge=1)  # rows per forward pass when predicting the validation fold
     lr: float = Field(2e-5, gt=0, lt=1)  # of the head and the top encoder layer
     layer_decay: float = Field(1.0, gt=0, le=1)  # each layer below the top gets lr times this once more
     weight_decay: float = Field(0.01, ge=0)  # AdamW; never on biases and LayerNorm weights
@@ -161,9 +161,10 @@ class SchedulerConfig(Section):
 
 
 class ResourcesConfig(Section):
-    # auto: 1 when the cluster has GPUs, else 0 (CPU); a share such as 0.2 puts five folds on one GPU
+    # auto: 1 when the cluster has GPUs or is cluster.yaml's autoscaling cluster (whose GPU nodes may all be down
+    # when the run starts), else 0 (CPU); a share such as 0.2 puts five folds on one GPU
     gpus_per_fold: float | Literal["auto"] = "auto"
-    cpus_per_fold: float = Field(1, gt=0)
+    cpus_per_fold: float = Field(1, gt=0)  # CPUs each fold worker reserves (a share, e.g. 0.25, is allowed)
     # other Ray resources each fold worker reserves, e.g. {"accelerator_type:A10G": 0.001} or one your nodes define
     custom_per_fold: dict[str, float] = Field(default_factory=dict)
 
@@ -188,7 +189,8 @@ class RunConfig(Section):
     output_dir: str | None = None  # None: runs/<name>
     storage_path: str | None = None  # Ray's storage (a path or s3://...); None: <output_dir>/ray
     max_concurrent_trials: int | None = Field(None, ge=1)  # None: as many as the cluster's resources hold
-    ensemble_top_k: int = Field(3, ge=1)  # the seed ensemble averages the OOF predictions of this many trials
+    # the top-k ensemble averages the OOF predictions of this many finished trials, the best by cv_rmse_last
+    ensemble_top_k: int = Field(3, ge=1)
     keep_fold_models: int = Field(1, ge=0)  # trials (the best) whose fold weights are kept for prediction
     checkpoint_every: int = Field(1, ge=1)  # evaluation points between fold checkpoints (and always the last)
     checkpoints_to_keep: int = Field(1, ge=1)  # per trial; a restarted worker group resumes from the newest
