@@ -263,7 +263,11 @@ class Regressor(nn.Module):
             pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1)
         else:
             pooled = self.attention_pool(out.last_hidden_state, attention_mask)
-        return self.head(self.dropout(pooled)).squeeze(-1).float()
+        # The head runs in fp32 whatever autocast does to the backbone, as mixed-precision practice keeps
+        # outputs and losses: a bf16 head's scores carry 8 significant bits (a step of 0.0156 near -2), and
+        # those would be the OOF predictions, the RMSEs ASHA ranks on and the submissions.
+        with torch.autocast(pooled.device.type, enabled=False):
+            return self.head(self.dropout(pooled.float())).squeeze(-1)
 
 
 def encoder_layers(backbone: nn.Module) -> nn.ModuleList:

@@ -368,3 +368,42 @@ def test_attention_dropout_reaches_every_layer_and_its_forward():
         torch.manual_seed(2)  # were the setting ignored, both would draw the same dropout and agree
         outputs[p] = model.train()(ids, torch.ones_like(ids))
     assert not torch.allclose(outputs[0.0], outputs[0.5])
+
+
+# ---------------------------------------------------------------- full-precision predictions under bf16 autocast
+
+
+def bf16_representable(values) -> np.ndarray:
+    """Which values survive a round trip through bf16 unchanged (8 significant bits)."""
+    values = torch.as_tensor(np.asarray(values, dtype=np.float32))
+    return (values == values.to(torch.bfloat16).float()).numpy()
+
+
+def test_the_head_runs_in_fp32_under_bf16_autocast(real_batch):
+    """The backbone may run in bf16; the head's scores must not: predictions carry fp32's bits."""
+    tokens, pad_id = real_batch
+    model = build_model(tiny_model_config(), seed=3).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        preds = model(**collate(tokens, np.arange(4), pad_id))
+    assert preds.dtype == torch.float32
+    assert not bf16_representable(preds).all(), preds
+
+
+def test_a_fold_trained_under_bf16_autocast_writes_full_precision_oof(space_writer, tmp_path):
+    """train.precision=bf16 on CPU (torch's CPU bf16 autocast): the OOF columns, as written to CSV, are
+    floats that bf16 could not hold, and the loss trains the fp32 head (the predictions move)."""
+    import pandas as pd
+
+    from raycv.scoring import oof_table
+
+    config = load_config(space_writer(tmp_path)).with_overrides(
+        {"data.max_rows": 120, "train.epochs": 1, "train.evals_per_epoch": 1, "train.precision": "bf16"})
+    encoded = encode_folds(config, load_tokenizer(config.model))
+    result = train_fold(config, split_fold(encoded, 0), device=torch.device("cpu"))
+    written = tmp_path / "oof.csv"
+    oof_table([{"fold": 0, "rows": result.predictions().to_dict("list")}]).to_csv(written, index=False)
+    oof = pd.read_csv(written)
+    for column in ("pred_best", "pred_last"):
+        assert oof[column].dtype in (np.float32, np.float64)
+        assert not bf16_representable(oof[column]).all(), oof[column].head()
+        assert oof[column].nunique() > 1
