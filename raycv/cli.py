@@ -1,5 +1,6 @@
 """The `raycv` command.
 
+    raycv spaces                                       # the shipped search spaces and what each is for
     raycv validate search_spaces/smoke.yaml            # check a space, show data, folds, tokens, model
     raycv folds search_spaces/base.yaml --out folds.csv
     raycv train-fold search_spaces/smoke.yaml --fold 0  # one fold, locally, no Ray
@@ -37,6 +38,8 @@ def _space_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> Parser:
     parser = Parser(prog="raycv", description="Ray-orchestrated CV and hyperparameter search for BERT regressors.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    sub.add_parser("spaces", help="list the shipped search spaces (spaces/NAME.yaml) with what each is for")
 
     p = sub.add_parser("validate", help="validate a search space; show data, folds, token lengths and the model")
     _space_args(p)

@@ -16,7 +16,7 @@ import pandas as pd
 
 from raycv import RaycvError
 from raycv.config import dump_yaml
-from raycv.spaces import ConfigError, load_config, resolve_space_path
+from raycv.spaces import BUNDLED_SPACES_DIR, ConfigError, list_spaces, load_config, resolve_space_path
 from raycv.storage import write_atomic, write_text_atomic
 
 T = TypeVar("T")
@@ -67,6 +67,19 @@ def validate(args) -> int:
             f"({config.model.backbone.type}, pooling {config.model.pooling})"
         )
     print("ok")
+    return 0
+
+
+def spaces(args) -> int:
+    """The shipped search spaces, one line each: `spaces/NAME.yaml` and its purpose (its header's first sentence)."""
+    listed = list_spaces()
+    if not listed:
+        raise RaycvError(f"no search spaces found in {BUNDLED_SPACES_DIR}; reinstall raycv")
+    width = max(len(f"spaces/{name}") for name, _ in listed)
+    for name, purpose in listed:
+        print(f"{f'spaces/{name}':<{width}}  {purpose}")
+    print(f"(from {BUNDLED_SPACES_DIR}; a file of that name in the working directory wins; "
+          "check one with raycv validate spaces/NAME.yaml)")
     return 0
 
 

@@ -1,6 +1,7 @@
 """A search-space YAML + `key=value` overrides -> one validated `Config` (raycv.config), or every problem.
 
-    raycv validate search_spaces/smoke.yaml data.path=../shared/data/commonlit/train.csv
+    raycv validate spaces/smoke.yaml data.path=../shared/data/commonlit/train.csv
+    raycv spaces                   # the shipped spaces, each with its purpose
 
 Every problem in a file is reported at once, one line each: the dotted key, what was found, what is
 expected, and a did-you-mean for a misspelt key. Each value a search can draw is checked as the config it
@@ -12,6 +13,7 @@ from __future__ import annotations
 import codecs
 import copy
 import difflib
+import importlib.resources
 from pathlib import Path
 
 import yaml
@@ -30,7 +32,19 @@ from raycv.config import (
     set_dotted,
 )
 
-BUNDLED_SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+
+def bundled_spaces_dir() -> Path:
+    """Where the shipped search spaces are: inside the installed package (the wheel carries the repository's
+    search_spaces/ as raycv/search_spaces, pyproject.toml's package-dir), else the source checkout's
+    top-level search_spaces/ (an editable install, or the repository on PYTHONPATH)."""
+    installed = importlib.resources.files("raycv") / "search_spaces"
+    for candidate in (installed, Path(__file__).resolve().parent.parent / "search_spaces"):
+        if isinstance(candidate, Path) and candidate.is_dir():
+            return candidate
+    return Path(__file__).resolve().parent.parent / "search_spaces"  # missing: resolve_space_path says so
+
+
+BUNDLED_SPACES_DIR = bundled_spaces_dir()
 
 
 class ConfigError(RaycvError):
@@ -55,6 +69,25 @@ def resolve_space_path(arg: str | Path) -> Path:
             return path
     available = ", ".join(sorted(p.name for p in BUNDLED_SPACES_DIR.glob("*.yaml")))
     raise RaycvError(f"search space {arg} not found, and no bundled one is named {name} (bundled: {available})")
+
+
+def list_spaces() -> list[tuple[str, str]]:
+    """(name, purpose) of every shipped space, by name: the purpose is the first sentence of the YAML's
+    header comment."""
+    return [(path.name, space_purpose(path.read_text())) for path in sorted(BUNDLED_SPACES_DIR.glob("*.yaml"))]
+
+
+def space_purpose(text: str) -> str:
+    """The first sentence of a YAML's first comment paragraph ("" without one)."""
+    lines = []
+    for line in text.splitlines():
+        comment = line.strip().removeprefix("#").strip() if line.lstrip().startswith("#") else None
+        if not comment:  # a blank comment line or the first non-comment line ends the paragraph
+            break
+        lines.append(comment)
+    paragraph = " ".join(lines)
+    end = paragraph.find(". ")
+    return paragraph if end < 0 else paragraph[: end + 1]
 
 
 def load_config(space: str | Path, overrides: list[str] | tuple[str, ...] = (), model_files: bool = True) -> Config:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
 import re
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +22,7 @@ from raycv.config import Config
 from raycv.spaces import BUNDLED_SPACES_DIR, ConfigError, load_config, resolve_space_path
 from raycv.sweep import to_param_space
 
-from helpers import SPACES_DIR
+from helpers import REPO_DIR, SPACES_DIR
 
 SHIPPED = sorted(SPACES_DIR.glob("*.yaml"))
 
@@ -307,6 +313,40 @@ def test_a_missing_spaces_file_resolves_to_the_bundled_one(tmp_path, monkeypatch
     (tmp_path / "spaces" / "smoke.yaml").write_text(f"data: {{path: {train_csv}, max_rows: 100}}\n")
     assert resolve_space_path("spaces/smoke.yaml").resolve() == (tmp_path / "spaces" / "smoke.yaml").resolve()
     assert load_config("spaces/smoke.yaml").data.max_rows == 100
+
+
+def test_the_wheel_carries_the_spaces_and_an_installed_raycv_finds_them(tmp_path, train_csv):
+    """`pip install .` (not editable): the wheel holds search_spaces/ as raycv/search_spaces, and raycv run from
+    it, in a directory without spaces/, resolves spaces/smoke.yaml there through importlib.resources."""
+    source = tmp_path / "src"  # a copy, so the build writes nothing into the checkout
+    for name in ("raycv", "search_spaces"):
+        shutil.copytree(REPO_DIR / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO_DIR / name, source / name)
+    # The environment's own setuptools where it is new enough (offline), else pip's isolated build.
+    setuptools_major = int(importlib.metadata.version("setuptools").split(".")[0])
+    isolation = ["--no-build-isolation"] if setuptools_major >= 68 else []
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation,
+                            "-w", str(tmp_path / "wheel"), str(source)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
+    [wheel] = (tmp_path / "wheel").glob("raycv-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"raycv/search_spaces/{p.name}" for p in SHIPPED} <= names
+
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code = ("import sys, raycv.spaces as s; from raycv.cli import main; "
+            "print(s.BUNDLED_SPACES_DIR); print(s.resolve_space_path('spaces/smoke.yaml')); "
+            f"sys.exit(main(['validate', 'spaces/smoke.yaml', 'data.path={train_csv}', '--no-model']))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=empty, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(site)})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[0] == str(site / "raycv" / "search_spaces")
+    assert lines[1] == str(site / "raycv" / "search_spaces" / "smoke.yaml")
+    assert lines[-1] == "ok"
 
 
 def test_a_missing_space_without_a_bundled_namesake_lists_the_bundled_ones(tmp_path, monkeypatch):

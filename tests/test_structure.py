@@ -17,7 +17,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "raycv"
 LAYERS = [
     {"__init__"},
     {"storage", "scoring", "progress", "metrics", "config"},
-    {"spaces", "data", "model", "collect"},
+    {"spaces", "config_reference", "data", "model", "collect"},
     {"train_fold", "report"},
     {"worker", "preflight", "cluster", "predict", "tracking"},
     {"sweep"},
