@@ -198,6 +198,9 @@ class RunConfig(Section):
     # How long a trial's fold workers may wait for their resources (an autoscaler adding a GPU node takes
     # minutes) before the trial fails with one line naming what it waited for, instead of waiting forever.
     resource_wait_s: float = Field(1800, ge=10)
+    # Price of one GPU-hour (any currency): with it, the report's cost section gives the run's GPU time and what
+    # ASHA saved in money too. None: GPU-hours only.
+    gpu_hour_price: float | None = Field(None, ge=0)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
 

@@ -1,6 +1,6 @@
 """Kept fold models -> averaged predictions for new texts, in Kaggle's submission format.
 
-    raycv predict runs/base --data test.csv --out submission.csv [--trials best|top-k]
+    raycv predict runs/base --data test.csv --out submission.csv [--trials best|top-k|stacked]
 
 As each trial ends among the best `run.keep_fold_models` finished ones, `export_fold_models` writes what
 prediction needs into the run directory, in a form that loads without pickles:
@@ -11,7 +11,9 @@ prediction needs into the run directory, in a form that loads without pickles:
     models/<trial>/tokenizer/           the fast tokenizer it was trained with
 
 `predict_texts` needs neither Ray nor a GPU (it uses one when present): every fold model of the chosen
-trials scores every row in length-sorted batches, and the row's prediction is their average.
+trials scores every row in length-sorted batches; a trial's prediction is its folds' average, and the row's
+prediction the average of its trials' (best, top-k) or the report's stacked ensemble of them:
+intercept + sum(weight * trial's prediction), over the trials with a weight above 0 (`predict_run`).
 """
 
 from __future__ import annotations
@@ -90,14 +92,56 @@ def reading(path: Path):
                          "edited: run the search again to keep new ones") from None
 
 
-def predict_texts(run_dir: Path, trial_ids: list[str], data_path: str, batch_size: int = 32) -> pd.DataFrame:
-    """`id, target` for every row of the CSV at `data_path`: the average of every fold model of the trials."""
+PREDICT_TRIALS = ("best", "top-k", "stacked")  # what `raycv predict --trials` chooses from
+
+
+def chosen_trials(report: dict, which: str) -> tuple[dict[str, float] | None, float, int]:
+    """The report's trials for `--trials which`: (trial -> weight, or None for a plain average; intercept; how
+    many of the best finished trials run.keep_fold_models must keep for them). Stacked: only the trials whose
+    weight is above 0 (the others need no models)."""
+    if which not in PREDICT_TRIALS:
+        raise RaycvError(f"--trials {which}: choose one of {', '.join(PREDICT_TRIALS)}")
+    if which == "best":
+        return ({report["best_trial"]: 1.0} if report["best_trial"] else {}), 0.0, 1
+    if which == "top-k":
+        trials = report["top_k_ensemble"]["trials"]
+        return dict.fromkeys(trials, 1.0), 0.0, len(trials)
+    stacked = report["stacked_ensemble"]
+    if stacked["cv_rmse_last"] is None:
+        raise RaycvError(f"--trials stacked: the run has no stacked ensemble ({stacked['reason']}); use --trials best")
+    ranked = stacked["trials"]  # the finished trials, best first, as the search ranks the ones it keeps
+    weights = {trial: weight for trial, weight in stacked["weights"].items() if weight > 0}
+    return weights, stacked["intercept"], max(ranked.index(trial) + 1 for trial in weights)
+
+
+def predict_run(run_dir: Path, report: dict, which: str, data_path: str) -> tuple[pd.DataFrame, str]:
+    """`raycv predict --trials which`: the submission, and one line saying what made it."""
+    weights, intercept, keep = chosen_trials(report, which)
+    if not weights:
+        raise RaycvError(f"{run_dir} has no finished trial to predict with (see raycv report {run_dir})")
+    stacked = which == "stacked"
+    submission = predict_texts(run_dir, list(weights), data_path, weights=weights if stacked else None,
+                               intercept=intercept, keep_needed=keep)
+    how = (f"the stacked ensemble: intercept {intercept:.4f} + " + " + ".join(
+        f"{w:.4f} x trial {t}" for t, w in weights.items()) + " (each trial the average of its fold models)"
+        if stacked else f"the average of the fold models of {', '.join(weights)}")
+    return submission, how
+
+
+def predict_texts(run_dir: Path, trial_ids: list[str], data_path: str, batch_size: int = 32,
+                  weights: dict[str, float] | None = None, intercept: float = 0.0,
+                  keep_needed: int | None = None) -> pd.DataFrame:
+    """`id, target` for every row of the CSV at `data_path`: the average of every fold model of the trials, or
+    with `weights`, intercept + sum(weights[trial] * the average of the trial's fold models). keep_needed:
+    the run.keep_fold_models a missing trial's models needed (for the message; default: one per trial)."""
     run_dir = Path(run_dir)
     missing = [t for t in trial_ids if not list(models_dir(run_dir, t).glob("fold_*.safetensors"))]
     if missing:
-        raise RaycvError(f"{run_dir} kept no fold models of trial(s) {', '.join(missing)}; the search keeps those "
-                         f"of the best run.keep_fold_models finished trials (set it to {len(trial_ids)} or more "
-                         "before the search, e.g. run.keep_fold_models=3)")
+        needed = keep_needed or len(trial_ids)
+        what = f"the stacked ensemble weights {len(trial_ids)} trial(s); " if weights else ""
+        raise RaycvError(f"{run_dir} kept no fold models of trial(s) {', '.join(missing)}; {what}the search keeps "
+                         "those of the best run.keep_fold_models finished trials (set it to "
+                         f"{needed} or more before the search: run.keep_fold_models={needed})")
     configs = {}
     for trial_id in trial_ids:  # every trial's config and fold files before any work
         directory = models_dir(run_dir, trial_id)
@@ -110,7 +154,7 @@ def predict_texts(run_dir: Path, trial_ids: list[str], data_path: str, batch_siz
                              f"{', '.join(sorted(folds))} the trial kept; it was cut short or edited")
     data = configs[trial_ids[0]].data
     rows = read_texts(DataConfig(**{**data.model_dump(), "path": str(data_path)}))
-    device, preds = default_device(), []
+    device, preds = default_device(), {}
     for trial_id, config in configs.items():
         directory = models_dir(run_dir, trial_id)
         from transformers import AutoTokenizer
@@ -123,9 +167,14 @@ def predict_texts(run_dir: Path, trial_ids: list[str], data_path: str, batch_siz
         with reading(directory / "backbone.json"):
             backbone = json.loads((directory / "backbone.json").read_bytes())
         dtype = autocast_dtype(config.train.precision, device)
-        for weights in sorted(directory.glob("fold_*.safetensors")):
-            with reading(weights):
-                model = regressor_from_weights(backbone, config.model.pooling, load_file(weights)).to(device)
-            preds.append(predict(model, tokens, tokenizer.pad_token_id, batch_size, device, dtype,
-                                 config.train.pad_to_multiple_of, config.model.max_length))
-    return pd.DataFrame({"id": rows["id"], "target": np.mean(preds, axis=0)})
+        preds[trial_id] = []
+        for fold_path in sorted(directory.glob("fold_*.safetensors")):
+            with reading(fold_path):
+                model = regressor_from_weights(backbone, config.model.pooling, load_file(fold_path)).to(device)
+            preds[trial_id].append(predict(model, tokens, tokenizer.pad_token_id, batch_size, device, dtype,
+                                           config.train.pad_to_multiple_of, config.model.max_length))
+    if weights is None:
+        target = np.mean([fold for folds in preds.values() for fold in folds], axis=0, dtype=np.float64)
+    else:
+        target = intercept + sum(weights[t] * np.mean(folds, axis=0, dtype=np.float64) for t, folds in preds.items())
+    return pd.DataFrame({"id": rows["id"], "target": target})

@@ -22,7 +22,7 @@ from typing_extensions import TypedDict
 from raycv import RaycvError
 from raycv.collect import STATUSES, RunState, load_run_state
 from raycv.config import Config
-from raycv.scoring import ensemble, rmse, score_ensemble, score_trial
+from raycv.scoring import STACK_MIN_TRIALS, ensemble, rmse, score_ensemble, score_trial, stack
 from raycv.storage import RUN_FILES, run_curve_path, run_oof_path, write_atomic, write_text_atomic
 
 OPTIMISM_NOTE = (
@@ -124,9 +124,107 @@ def build_report(loaded: dict) -> dict:
         "rows": int(len(loaded["folds"])), "num_folds": int(loaded["folds"]["fold"].nunique()),
         "num_points": run.num_points, "max_t": run.max_t, "scheduler": run.scheduler,
         "searched": run.searched, "trials": trials, "best_trial": finished[0]["trial_id"] if finished else None,
-        "top_k_ensemble": top_k, "seed_ensembles": seed_ensembles(finished, run.searched, oofs),
+        "top_k_ensemble": top_k, "stacked_ensemble": stacked_ensemble(finished, oofs),
+        "seed_ensembles": seed_ensembles(finished, run.searched, oofs),
+        "cost": run_cost(loaded, [t["trial_id"] for t in trials]),
         "baselines": loaded["baselines"], "note": OPTIMISM_NOTE,
     }
+
+
+STACK_METHOD = ("non-negative least squares with a free intercept (scikit-learn LinearRegression(positive=True)) "
+                "on the finished trials' last-point OOF predictions; cv_rmse_last: each fold predicted with weights "
+                "fit on the other folds' rows only")
+
+
+def stacked_ensemble(finished: list[dict], oofs: dict) -> dict:
+    """Every finished trial's last-point OOF predictions, stacked (scoring.stack): the honest CV, and the weights
+    fit on all rows that `raycv predict --trials stacked` uses. Fewer than two finished trials: no score, a reason."""
+    members = [t["trial_id"] for t in finished]
+    entry = {"trials": members, "num_trials": len(members), "num_weighted": None, "cv_rmse_last": None,
+             "fold_rmse_last": None, "weights": None, "intercept": None, "in_sample_rmse": None, "rows": None,
+             "fold_weights": None, "method": STACK_METHOD, "reason": None}
+    if len(members) < STACK_MIN_TRIALS:
+        entry["reason"] = (f"{len(members)} finished trial(s) with predictions; stacking needs {STACK_MIN_TRIALS} "
+                           "or more")
+        return entry
+    entry.update(stack({m: oofs[m] for m in members}))
+    entry["num_weighted"] = sum(weight > 0 for weight in entry["weights"].values())
+    return entry
+
+
+# ---------------------------------------------------------------- what the run cost
+
+COST_NOTE = (
+    "Resources times wall time: each trial holds num_folds fold workers of resources.cpus_per_fold CPUs and "
+    "resources.gpus_per_fold GPUs for its wall time (Tune's clock, start-up of the fold workers included; where "
+    "Tune's result rows were not in the storage, rank 0's training time from the curve, which leaves start-up "
+    "out). ASHA saved the evaluation points its stopped trials did not train against every finished or stopped "
+    "trial run to max_t, costed at the run's mean seconds per trained point."
+)
+
+
+def curve_wall_s(curve: pd.DataFrame | None) -> float | None:
+    """Rank 0's training time from a trial's curve: the elapsed time (fold_busy_s + fold_callbacks_s) at the last
+    point of each session of its fold workers (a restarted worker's clock starts again at 0), summed."""
+    if curve is None or not {"fold_busy_s", "fold_callbacks_s"} <= set(curve.columns) or not len(curve):
+        return None
+    elapsed = (curve["fold_busy_s"] + curve["fold_callbacks_s"]).to_numpy(dtype=float)
+    if not pd.notna(elapsed).all():
+        return None
+    session_ends = [i for i in range(len(elapsed)) if i == len(elapsed) - 1 or elapsed[i + 1] < elapsed[i]]
+    return float(sum(elapsed[i] for i in session_ends))
+
+
+def _product(*factors: float | None) -> float | None:
+    """The product, or None where a factor is unknown (no wall time, no price, gpus_per_fold auto)."""
+    return None if any(f is None for f in factors) else math.prod(factors)
+
+
+def run_cost(loaded: dict, order: list[str]) -> dict:
+    """Per trial (in `order`) and in total: wall time, worker-, CPU- and GPU-seconds, evaluation points; what
+    ASHA saved; with run.gpu_hour_price, GPU time in money. Totals are the sums of the trials' rows."""
+    config, max_t = loaded["config"], loaded["run"].max_t
+    folds, cpus = config["data"]["num_folds"], float(config["resources"]["cpus_per_fold"])
+    gpus = config["resources"]["gpus_per_fold"]
+    gpus = None if gpus == "auto" else float(gpus)  # auto is resolved before a run writes its config
+    price = config["run"].get("gpu_hour_price")
+    records = {record.trial_id: record for record in loaded["trials"]}
+    rows = []
+    for trial_id in order:
+        record = records[trial_id]
+        wall, source = record.wall_s, "tune"
+        if wall is None:
+            wall, source = curve_wall_s(loaded["curves"].get(trial_id)), "curve"
+        gpu_s = _product(folds, gpus, wall)
+        rows.append({
+            "trial_id": trial_id, "status": record.status, "wall_s": wall,
+            "wall_s_source": None if wall is None else source,
+            "worker_s": _product(folds, wall), "cpu_s": _product(folds, cpus, wall), "gpu_s": gpu_s,
+            "gpu_cost": _product(gpu_s, price, 1 / 3600),
+            "eval_points": record.eval_points, "points_trained": record.eval_points + record.points_redone,
+        })
+    total = {key: sum(row[key] or 0 for row in rows)
+             for key in ("wall_s", "worker_s", "cpu_s", "gpu_s", "eval_points", "points_trained")}
+    total["gpu_hours"] = total["gpu_s"] / 3600
+    total["gpu_cost"] = _product(total["gpu_hours"], price)
+    total["trials"], total["trials_without_wall_time"] = len(rows), [r["trial_id"] for r in rows if r["wall_s"] is None]
+    timed = [r for r in rows if r["wall_s"] is not None]
+    timed_points = sum(r["points_trained"] for r in timed)
+    per_point = {key: sum(r[key] or 0 for r in timed) / timed_points if timed_points else None
+                 for key in ("worker_s", "gpu_s")}
+    ran = [r for r in rows if r["status"] in ("finished", "stopped")]
+    full, saved = max_t * len(ran), sum(max(max_t - r["eval_points"], 0) for r in ran if r["status"] == "stopped")
+    hours = lambda per: None if per is None else saved * per / 3600  # noqa: E731
+    asha = {
+        "points_if_all_ran_to_max_t": full, "points_reached": sum(r["eval_points"] for r in ran),
+        "points_saved": saved, "fraction_saved": saved / full if full else None,
+        "worker_s_per_point": per_point["worker_s"], "gpu_s_per_point": per_point["gpu_s"],
+        "worker_hours_saved": hours(per_point["worker_s"]), "gpu_hours_saved": hours(per_point["gpu_s"]),
+    }
+    asha["gpu_cost_saved"] = _product(asha["gpu_hours_saved"], price)
+    return {"resources": {"num_folds": folds, "cpus_per_fold": cpus, "gpus_per_fold": gpus, "max_t": max_t,
+                          "gpu_hour_price": price},
+            "trials": rows, "total": total, "asha_saved": asha, "note": COST_NOTE}
 
 
 def seed_ensembles(finished: list[dict], searched: list[str], oofs: dict) -> list[dict]:
@@ -159,6 +257,7 @@ def write_report(run_dir: Path, state: RunState | None = None) -> dict:
     return {
         "report": report, "report_md": run_dir / "report.md", "report_json": run_dir / "report.json", "plots": plots,
         "files": files,  # every file written, for whoever ships the report elsewhere (MLflow)
+        "summary": summary(report),  # what `raycv tune` prints about the stacked ensemble and the cost
     }
 
 
@@ -240,6 +339,7 @@ def markdown(report: dict, plots: dict[str, str]) -> str:
                      f"(k = {top_k['k']}), whatever their searched values: " + _ensemble_line(top_k) + ".")
     else:
         lines.append("No finished trial to ensemble.")
+    lines += ["", "## Stacked ensemble", ""] + stacked_lines(report)
     lines += ["", "## Seed ensembles", ""]
     if report["seed_ensembles"]:
         lines.append("Finished trials that share every searched value but `train.seed`, averaged:")
@@ -252,9 +352,87 @@ def markdown(report: dict, plots: dict[str, str]) -> str:
     for key, value in report["baselines"].items():
         lines.append(f"| {names.get(key, key)} | {value['pooled_rmse']:.4f} | "
                      f"{' / '.join(f'{v:.3f}' for v in value['fold_rmse'])} |")
+    lines += ["", "## Cost", ""] + cost_lines(report["cost"])
     lines += ["", f"Note: {report['note']}", "", "## Plots", ""]
     lines += [f"![{title}]({name})" for title, name in plots.items()]
     return "\n".join(lines) + "\n"
+
+
+def stacked_lines(report: dict) -> list[str]:
+    """The stacked ensemble beside the best trial and the top-k ensemble, and its weights."""
+    stacked = report["stacked_ensemble"]
+    if stacked["cv_rmse_last"] is None:
+        return [f"None: {stacked['reason']}."]
+    best = next(t for t in report["trials"] if t["trial_id"] == report["best_trial"])
+    lines = [
+        f"All {stacked['num_trials']} finished trials stacked ({stacked['num_weighted']} with a weight above 0): "
+        f"{stacked['method']}.", "",
+        "| predictions | CV RMSE (last point) | per-fold RMSE (last) |", "|---|---|---|",
+        f"| best trial {best['trial_id']} | {_fmt(best['cv_rmse_last'])} | "
+        + " / ".join(f"{v:.3f}" for v in best["fold_rmse_last"]) + " |",
+        f"| top-{len(report['top_k_ensemble']['trials'])} ensemble (average) | "
+        f"{_fmt(report['top_k_ensemble']['cv_rmse_last'])} | "
+        + " / ".join(f"{v:.3f}" for v in report["top_k_ensemble"]["fold_rmse_last"]) + " |",
+        f"| stacked ensemble (weights fit on the other folds) | {_fmt(stacked['cv_rmse_last'])} | "
+        + " / ".join(f"{v:.3f}" for v in stacked["fold_rmse_last"]) + " |",
+        "", f"Weights fit on all {stacked['rows']} rows (what `raycv predict --trials stacked` uses): intercept "
+        f"{stacked['intercept']:.4f}; " + ", ".join(f"{t} {w:.4f}" for t, w in stacked["weights"].items())
+        + f". Scored on the rows they were fit on (optimistic): {_fmt(stacked['in_sample_rmse'])}.",
+    ]
+    return lines
+
+
+def _hours(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds / 3600:.3g} h"
+
+
+def cost_lines(cost: dict) -> list[str]:
+    res, total, asha, price = cost["resources"], cost["total"], cost["asha_saved"], cost["resources"]["gpu_hour_price"]
+    money, gpus = price is not None, res["gpus_per_fold"]
+    lines = [
+        f"Each trial holds {res['num_folds']} fold workers of {res['cpus_per_fold']:g} CPU and "
+        f"{'auto' if gpus is None else format(gpus, 'g')} GPU"
+        + (f"; a GPU-hour costs {price:g}." if money else "."), "",
+        "| trial | status | wall time | worker-hours | GPU-hours | " + ("GPU cost | " if money else "")
+        + "points reached | points trained |",
+        "|" + "---|" * (7 + money),
+    ]
+    for row in cost["trials"] + [{**total, "trial_id": "**total**", "status": "-", "wall_s_source": None}]:
+        wall = "-" if row["wall_s"] is None else f"{row['wall_s']:.0f} s" + (
+            " (curve)" if row["wall_s_source"] == "curve" else "")
+        lines.append(f"| {row['trial_id']} | {row['status']} | {wall} | {_hours(row['worker_s'])} | "
+                     f"{_hours(row['gpu_s'])} | " + (f"{_fmt(row['gpu_cost'])} | " if money else "")
+                     + f"{row['eval_points']} | {row['points_trained']} |")
+    lines.append("")
+    if asha["fraction_saved"] is None:
+        lines.append("ASHA saved nothing to count: no trial finished or was stopped.")
+    else:
+        lines.append(
+            f"ASHA saved {asha['points_saved']} of {asha['points_if_all_ran_to_max_t']} evaluation points "
+            f"({asha['fraction_saved']:.0%}) against every finished or stopped trial run to max_t = {res['max_t']}: "
+            f"{_hours(None if asha['worker_hours_saved'] is None else asha['worker_hours_saved'] * 3600)} of "
+            f"workers, {_hours(None if asha['gpu_hours_saved'] is None else asha['gpu_hours_saved'] * 3600)} of GPUs"
+            + (f", {_fmt(asha['gpu_cost_saved'])} in money" if money else "") + ".")
+    if total["trials_without_wall_time"]:
+        lines.append(f"No wall time for {', '.join(total['trials_without_wall_time'])} (counted as 0).")
+    return lines + ["", cost["note"]]
+
+
+def summary(report: dict) -> str:
+    """The lines `raycv tune` ends with about the stacked ensemble and the cost (beside the best trial's)."""
+    stacked, cost = report["stacked_ensemble"], report["cost"]
+    total, asha = cost["total"], cost["asha_saved"]
+    lines = [f"stacked ensemble of {stacked['num_trials']} trials: cv_rmse_last {stacked['cv_rmse_last']:.4f} "
+             f"(weights fit on the other folds), {stacked['num_weighted']} weighted"
+             if stacked["cv_rmse_last"] is not None else f"stacked ensemble: none ({stacked['reason']})"]
+    price = cost["resources"]["gpu_hour_price"]
+    line = (f"cost: {total['worker_s'] / 3600:.3g} worker-hours, {total['gpu_hours']:.3g} GPU-hours"
+            + (f" ({total['gpu_cost']:.2f} at {price:g} per GPU-hour)" if price is not None else "")
+            + f", {total['points_trained']} evaluation points trained")
+    if asha["fraction_saved"] is not None:
+        line += (f"; ASHA saved {asha['points_saved']} of {asha['points_if_all_ran_to_max_t']} points "
+                 f"({asha['fraction_saved']:.0%}), {asha['gpu_hours_saved'] or 0:.3g} GPU-hours")
+    return "\n".join([*lines, line])
 
 
 def write_plots(run_dir: Path, loaded: dict, report: dict) -> dict[str, str]:

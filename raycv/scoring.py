@@ -10,6 +10,9 @@ Two figures per prediction set, named the same everywhere (Tune's results, progr
   optimistic.
 
 An OOF table has one row per training row: `id, fold, target, pred_best, pred_last`.
+
+`stack` fits a stacked ensemble: non-negative weights (and a free intercept) over several trials' last-point
+predictions, scored honestly -- fold k's rows are predicted with weights fit on the other folds' rows only.
 """
 
 from __future__ import annotations
@@ -67,6 +70,49 @@ def score_ensemble(oofs: list[pd.DataFrame]) -> dict:
         scores[f"cv_rmse_{which}"] = rmse(mixed, f"pred_{which}")
         scores[f"fold_rmse_{which}"] = per_fold_rmse(mixed, f"pred_{which}")
     return scores
+
+
+STACK_MIN_TRIALS = 2
+
+
+def stack(oofs: dict[str, pd.DataFrame]) -> dict:
+    """A stacked ensemble of the trials' last-point OOF predictions (`oofs`: trial id -> OOF table).
+
+    The prediction for a row is `intercept + sum(weights[t] * pred_last[t])`, with every weight >= 0
+    (scikit-learn's LinearRegression(positive=True): non-negative least squares) and a free intercept: it
+    absorbs a bias the trials share, so the weights need not sum to 1. Honest score (`cv_rmse_last`): for
+    each fold k the weights are fit on the other folds' OOF rows only and applied to fold k's rows; the
+    pooled RMSE of those predictions, and per fold. `weights`/`intercept` are fit on all rows: what
+    `raycv predict --trials stacked` uses. `in_sample_rmse` scores that all-rows fit on the rows it was fit
+    on (optimistic, shown only for comparison). Rows are matched on id; only rows every trial predicted
+    are used."""
+    from sklearn.linear_model import LinearRegression
+
+    trial_ids = list(oofs)
+    if len(trial_ids) < STACK_MIN_TRIALS:
+        raise ValueError(f"stacking needs {STACK_MIN_TRIALS} or more trials, got {len(trial_ids)}")
+    first = oofs[trial_ids[0]].set_index("id")
+    preds = pd.DataFrame({t: oofs[t].set_index("id")["pred_last"] for t in trial_ids}).dropna()
+    rows = first.loc[preds.index, ["fold", "target"]]
+    features, target, folds = preds.to_numpy(), rows["target"].to_numpy(), rows["fold"].to_numpy()
+    fit = lambda mask: LinearRegression(positive=True).fit(features[mask], target[mask])  # noqa: E731
+    honest = np.empty(len(target))
+    fold_weights = []
+    for fold in sorted(np.unique(folds)):
+        held_out = folds == fold
+        model = fit(~held_out)
+        honest[held_out] = model.predict(features[held_out])
+        fold_weights.append({"fold": int(fold), "intercept": float(model.intercept_),
+                             "weights": dict(zip(trial_ids, map(float, model.coef_), strict=True))})
+    frame = pd.DataFrame({"fold": folds, "target": target, "pred_last": honest})
+    everything = fit(np.ones(len(target), dtype=bool))
+    frame["in_sample"] = everything.predict(features)
+    return {
+        "cv_rmse_last": rmse(frame, "pred_last"), "fold_rmse_last": per_fold_rmse(frame, "pred_last"),
+        "weights": dict(zip(trial_ids, map(float, everything.coef_), strict=True)),
+        "intercept": float(everything.intercept_), "in_sample_rmse": rmse(frame, "in_sample"),
+        "rows": int(len(target)), "fold_weights": fold_weights,
+    }
 
 
 def compute_baselines(table: pd.DataFrame) -> dict:

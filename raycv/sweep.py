@@ -405,6 +405,7 @@ def finish(config: Config, max_t: int, received: dict, resume_command: str) -> i
     if top_k["trials"]:
         print(f"top-{len(top_k['trials'])} ensemble: cv_rmse_last {top_k['cv_rmse_last']:.4f}, "
               f"cv_rmse_best {top_k['cv_rmse_best']:.4f}")
+    print(paths["summary"])  # the stacked ensemble's honest CV, and what the run cost and ASHA saved
     for entry in report["seed_ensembles"]:
         print(f"seed ensemble of {len(entry['trials'])} trials with {entry['params']}: "
               f"cv_rmse_last {entry['cv_rmse_last']:.4f}, cv_rmse_best {entry['cv_rmse_best']:.4f}")

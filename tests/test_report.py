@@ -132,7 +132,8 @@ def test_baselines_on_the_run_folds(run_dir):
 def test_markdown_csv_and_plots(run_dir):
     paths = write_report(run_dir)
     text = (run_dir / "report.md").read_text()
-    rows = [line for line in text.splitlines() if line.startswith("| t_")]
+    leaderboard = text.split("## Leaderboard")[1].split("\n## ")[0]
+    rows = [line for line in leaderboard.splitlines() if line.startswith("| t_")]
     assert len(rows) == 4
     assert all(row.count("|") == text.splitlines()[6].count("|") for row in rows)  # as many cells as the header
     assert "error (fold 1: RuntimeError: worker died)" in text
