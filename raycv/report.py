@@ -14,6 +14,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 from pydantic import TypeAdapter, ValidationError
@@ -147,7 +148,12 @@ def stacked_ensemble(finished: list[dict], oofs: dict) -> dict:
         entry["reason"] = (f"{len(members)} finished trial(s) with predictions; stacking needs {STACK_MIN_TRIALS} "
                            "or more")
         return entry
-    entry.update(stack({m: oofs[m] for m in members}))
+    try:
+        entry.update(stack({m: oofs[m] for m in members}))
+    except ValueError as exc:  # OOF tables edited by hand: no rows or folds in common, values not finite
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        entry["reason"] = f"cannot stack the finished trials: {why}"
+        return entry
     entry["num_weighted"] = sum(weight > 0 for weight in entry["weights"].values())
     return entry
 
@@ -168,8 +174,9 @@ def curve_wall_s(curve: pd.DataFrame | None) -> float | None:
     point of each session of its fold workers (a restarted worker's clock starts again at 0), summed."""
     if curve is None or not {"fold_busy_s", "fold_callbacks_s"} <= set(curve.columns) or not len(curve):
         return None
-    elapsed = (curve["fold_busy_s"] + curve["fold_callbacks_s"]).to_numpy(dtype=float)
-    if not pd.notna(elapsed).all():
+    elapsed = (pd.to_numeric(curve["fold_busy_s"], errors="coerce")
+               + pd.to_numeric(curve["fold_callbacks_s"], errors="coerce")).to_numpy(dtype=float)
+    if not np.isfinite(elapsed).all():
         return None
     session_ends = [i for i in range(len(elapsed)) if i == len(elapsed) - 1 or elapsed[i + 1] < elapsed[i]]
     return float(sum(elapsed[i] for i in session_ends))

@@ -95,6 +95,8 @@ def stack(oofs: dict[str, pd.DataFrame]) -> dict:
     preds = pd.DataFrame({t: oofs[t].set_index("id")["pred_last"] for t in trial_ids}).dropna()
     rows = first.loc[preds.index, ["fold", "target"]]
     features, target, folds = preds.to_numpy(), rows["target"].to_numpy(), rows["fold"].to_numpy()
+    if len(np.unique(folds)) < 2:
+        raise ValueError("the trials' OOF predictions share rows of fewer than two folds")
     fit = lambda mask: LinearRegression(positive=True).fit(features[mask], target[mask])  # noqa: E731
     honest = np.empty(len(target))
     fold_weights = []

@@ -244,6 +244,18 @@ def test_without_two_finished_trials_the_stacked_ensemble_says_why(run_dir, tmp_
     assert cost["total"]["worker_s"] > 0 and "GPU cost" not in (alone / "report.md").read_text()
 
 
+def test_oof_files_that_cannot_be_stacked_give_a_reason_not_a_traceback(run_dir, tmp_path):
+    edited = tmp_path / "edited"
+    shutil.copytree(run_dir, edited)
+    for trial_id in ("t_good", "t_fair", "t_third"):  # no row in common with any other trial's
+        oof = pd.read_csv(edited / "oof" / f"{trial_id}.csv", dtype={"id": str})
+        oof["id"] = trial_id + oof["id"]
+        oof.to_csv(edited / "oof" / f"{trial_id}.csv", index=False)
+    stacked = write_report(edited)["report"]["stacked_ensemble"]
+    assert stacked["cv_rmse_last"] is None and stacked["reason"] == (
+        "cannot stack the finished trials: the trials' OOF predictions share rows of fewer than two folds")
+
+
 def test_stacked_prediction_needs_the_weighted_trials_models(run_dir):
     report = write_report(run_dir)["report"]
     weights, intercept, keep = chosen_trials(report, "stacked")
