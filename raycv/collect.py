@@ -52,9 +52,10 @@ class TrialRecord:
     # points they trained again because those came after the checkpoint
     restarts: int = 0
     points_redone: int = 0
-    # seconds the trial ran by Tune's own clock (the sum of its result rows' time_this_iter_s: worker start-up
-    # included, every session of a resumed trial counted); None where Tune's result rows were not in the storage
-    wall_s: float | None = None
+    # when the search started the trial (time.time() on the driver, as the tracker first saw it): the report's
+    # cost counts the fold workers' start-up from it. None once the trial was interrupted (a resumed trial's time
+    # is its fold workers' training time, from its curve)
+    started_s: float | None = None
 
 
 @dataclass
@@ -78,7 +79,8 @@ class RunState:
         for record in self.trials:
             if record.trial_id == trial_id:
                 return record
-        self.trials.append(TrialRecord(trial_id=trial_id, train_run=storage.train_run_name(trial_id)))
+        self.trials.append(TrialRecord(trial_id=trial_id, train_run=storage.train_run_name(trial_id),
+                                       started_s=time.time()))
         self.trials.sort(key=lambda record: record.trial_id)
         return self.trial(trial_id)
 
@@ -152,32 +154,10 @@ def collect_trial(storage_path: str, run_dir: Path, record: TrialRecord) -> None
     restarts = json.loads(storage.read_text(storage_path, files["restarts"]) or "[]")
     record.restarts = len(restarts)
     record.points_redone = sum(restart["points_redone"] for restart in restarts)
-    wall_s = tune_wall_s(storage.read_text(storage_path, TUNE_RESULT.format(record.trial_id)))
-    if wall_s is not None:
-        record.wall_s = wall_s
     status = storage.read_text(storage_path, files["status"])
     if status:
         written = json.loads(status)
         record.status, record.reason = written["status"], written["reason"]
-
-
-# Tune's own result rows of a trial (one JSON object a line, written as Tune logs each result; with a bucket
-# as the storage Tune uploads them every few minutes, so they may lag or be missing when a trial ends).
-TUNE_RESULT = "tune/{}/result.json"
-
-
-def tune_wall_s(text: str | None) -> float | None:
-    """Seconds a trial ran by Tune's clock: the sum of `time_this_iter_s` over its result rows (the first row's
-    includes starting the fold workers; a resumed trial's sessions add up). None where there are no rows."""
-    total, rows = 0.0, 0
-    for line in (text or "").splitlines():
-        try:
-            value = json.loads(line).get("time_this_iter_s")
-        except (ValueError, AttributeError):
-            continue  # a row cut short by an upload in progress
-        if isinstance(value, (int, float)) and value >= 0:
-            total, rows = total + float(value), rows + 1
-    return total if rows else None
 
 
 def settle(record: TrialRecord, max_t: int) -> None:
@@ -241,6 +221,7 @@ def mark_interrupted(state: RunState, storage_path: str | None, run_dir: Path) -
             collect_trial(storage_path, run_dir, record)
         if record.status not in ENDED:
             record.status = "interrupted"
+            record.started_s = None  # its next session starts on --resume; the time between counts for nothing
     state.state = "interrupted"
     return cut_short
 

@@ -162,24 +162,37 @@ def stacked_ensemble(finished: list[dict], oofs: dict) -> dict:
 
 COST_NOTE = (
     "Resources times wall time: each trial holds num_folds fold workers of resources.cpus_per_fold CPUs and "
-    "resources.gpus_per_fold GPUs for its wall time (Tune's clock, start-up of the fold workers included; where "
-    "Tune's result rows were not in the storage, rank 0's training time from the curve, which leaves start-up "
-    "out). ASHA saved the evaluation points its stopped trials did not train against every finished or stopped "
-    "trial run to max_t, costed at the run's mean seconds per trained point."
+    "resources.gpus_per_fold GPUs for its wall time, from when the search started it (the fold workers' start-up "
+    "included) to its last evaluation point. A trial that was interrupted and resumed, or whose start was not "
+    "recorded, counts its fold workers' training time from its curve only (wall_s_source curve): start-up and "
+    "the time between sessions are left out. ASHA saved the evaluation points its stopped trials did not train, "
+    "against every finished or stopped trial run to max_t, costed at the run's mean seconds per trained point."
 )
 
 
-def curve_wall_s(curve: pd.DataFrame | None) -> float | None:
-    """Rank 0's training time from a trial's curve: the elapsed time (fold_busy_s + fold_callbacks_s) at the last
-    point of each session of its fold workers (a restarted worker's clock starts again at 0), summed."""
-    if curve is None or not {"fold_busy_s", "fold_callbacks_s"} <= set(curve.columns) or not len(curve):
+def _numbers(curve: pd.DataFrame, *columns: str) -> np.ndarray | None:
+    """The curve's columns summed as floats; None where one is missing or not a finite number."""
+    if not set(columns) <= set(curve.columns):
         return None
-    elapsed = (pd.to_numeric(curve["fold_busy_s"], errors="coerce")
-               + pd.to_numeric(curve["fold_callbacks_s"], errors="coerce")).to_numpy(dtype=float)
-    if not np.isfinite(elapsed).all():
-        return None
+    values = sum(pd.to_numeric(curve[c], errors="coerce").to_numpy(dtype=float) for c in columns)
+    return values if np.isfinite(values).all() else None
+
+
+def trial_wall_s(started_s: float | None, curve: pd.DataFrame | None) -> tuple[float | None, str | None]:
+    """(a trial's wall time, how it was measured) from its curve, whose every row has rank 0's clock since its
+    training loop began (fold_busy_s + fold_callbacks_s; a restarted worker's begins again at 0) and the wall
+    clock (reported_at). The sessions' training times add up; with the trial's start (`started_s`), the time
+    from it to the first session's training loop (starting Ray Train's fold workers, building the models) is
+    added: "trial start". Without it: "curve", training time only. (None, None) without a curve."""
+    elapsed = None if curve is None or not len(curve) else _numbers(curve, "fold_busy_s", "fold_callbacks_s")
+    if elapsed is None:
+        return None, None
     session_ends = [i for i in range(len(elapsed)) if i == len(elapsed) - 1 or elapsed[i + 1] < elapsed[i]]
-    return float(sum(elapsed[i] for i in session_ends))
+    training = float(sum(elapsed[i] for i in session_ends))
+    reported = _numbers(curve, "reported_at")
+    if started_s is None or reported is None:
+        return training, "curve"
+    return training + max(float(reported[0] - elapsed[0]) - started_s, 0.0), "trial start"
 
 
 def _product(*factors: float | None) -> float | None:
@@ -199,13 +212,10 @@ def run_cost(loaded: dict, order: list[str]) -> dict:
     rows = []
     for trial_id in order:
         record = records[trial_id]
-        wall, source = record.wall_s, "tune"
-        if wall is None:
-            wall, source = curve_wall_s(loaded["curves"].get(trial_id)), "curve"
+        wall, source = trial_wall_s(record.started_s, loaded["curves"].get(trial_id))
         gpu_s = _product(folds, gpus, wall)
         rows.append({
-            "trial_id": trial_id, "status": record.status, "wall_s": wall,
-            "wall_s_source": None if wall is None else source,
+            "trial_id": trial_id, "status": record.status, "wall_s": wall, "wall_s_source": source,
             "worker_s": _product(folds, wall), "cpu_s": _product(folds, cpus, wall), "gpu_s": gpu_s,
             "gpu_cost": _product(gpu_s, price, 1 / 3600),
             "eval_points": record.eval_points, "points_trained": record.eval_points + record.points_redone,

@@ -18,11 +18,10 @@ import yaml
 from scipy.optimize import nnls
 
 from raycv import RaycvError
-from raycv.collect import tune_wall_s
 from raycv.config import DataConfig
 from raycv.data import load_folds
 from raycv.predict import chosen_trials, predict_run
-from raycv.report import curve_wall_s, write_report
+from raycv.report import trial_wall_s, write_report
 from raycv.scoring import compute_baselines, stack
 
 from helpers import pooled_rmse
@@ -107,18 +106,17 @@ def test_stack_needs_two_trials():
 # ---------------------------------------------------------------- the cost arithmetic, on small frames
 
 
-def test_curve_wall_time_adds_up_the_sessions_of_a_restarted_trial():
-    curve = pd.DataFrame({"fold_busy_s": [2.0, 4.0, 1.0, 3.0], "fold_callbacks_s": [0.0, 0.5, 0.0, 0.5]})
-    assert curve_wall_s(curve) == pytest.approx(4.5 + 3.5)  # restarted after point 2: its clock began again
-    assert curve_wall_s(pd.DataFrame({"eval_point": [1]})) is None
-
-
-def test_tune_wall_time_is_the_sum_of_its_rows():
-    rows = [{"time_this_iter_s": 30.0, "time_total_s": 30.0}, {"time_this_iter_s": 2.5, "time_total_s": 32.5},
-            {"time_this_iter_s": 20.0, "time_total_s": 20.0}]  # a resumed trial: Tune's total began again
-    text = "\n".join(json.dumps(row) for row in rows) + '\n{"time_this_iter_s": 1'  # a row cut short
-    assert tune_wall_s(text) == pytest.approx(52.5)
-    assert tune_wall_s("") is None and tune_wall_s(None) is None
+def test_a_trials_wall_time_runs_from_its_start_to_its_last_point():
+    # Started at 1000 s; its training loop began at 1030 s (30 s of fold-worker start-up); points at 2 and 4.5 s.
+    curve = pd.DataFrame({"fold_busy_s": [2.0, 4.0], "fold_callbacks_s": [0.0, 0.5], "reported_at": [1032.0, 1034.5]})
+    assert trial_wall_s(1000.0, curve) == (pytest.approx(34.5), "trial start")
+    assert trial_wall_s(None, curve) == (pytest.approx(4.5), "curve")  # start unknown: training time only
+    # Restarted after point 2 (its fold workers' clock began again): the sessions' training times add up.
+    restarted = pd.DataFrame({"fold_busy_s": [2.0, 4.0, 1.0, 3.0], "fold_callbacks_s": [0.0, 0.5, 0.0, 0.5],
+                              "reported_at": [1032.0, 1034.5, 1090.0, 1093.5]})
+    assert trial_wall_s(1000.0, restarted) == (pytest.approx(30 + 4.5 + 3.5), "trial start")
+    assert trial_wall_s(1000.0, pd.DataFrame({"eval_point": [1]})) == (None, None)
+    assert trial_wall_s(1000.0, None) == (None, None)
 
 
 # ---------------------------------------------------------------- in the report, on the real data's folds
@@ -127,8 +125,8 @@ def test_tune_wall_time_is_the_sum_of_its_rows():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, train_csv) -> Path:
     """A finished ASHA run written by hand on the real data's folds: three finished trials, one stopped by
-    ASHA, one error. Wall times as the collector records Tune's (run.json's wall_s), but for one finished
-    trial whose Tune rows were missing, timed from its curve."""
+    ASHA, one error. Every trial's fold workers take 20 s to start and 40 s an evaluation point (+1 s once);
+    t_fair's start was not recorded (timed from its curve alone), t_third's workers restarted after point 3."""
     run_dir = tmp_path_factory.mktemp("stacking_run")
     table = load_folds(DataConfig(path=str(train_csv), num_folds=3, max_rows=300))
     table[["id", "fold", "target"]].to_csv(run_dir / "folds.csv", index=False)
@@ -137,23 +135,27 @@ def run_dir(tmp_path_factory, train_csv) -> Path:
               "run": {"ensemble_top_k": 2, "gpu_hour_price": 2.5}}
     (run_dir / "resolved_config.yaml").write_text(yaml.safe_dump(config))
     rng = np.random.default_rng(0)
-    trials = {"t_good": (0.45, "finished", 6, 300.0), "t_fair": (0.6, "finished", 6, None),
-              "t_third": (0.55, "finished", 6, 280.0), "t_stopped": (0.9, "stopped", 2, 100.0),
-              "t_error": (None, "error", 0, None)}
+    trials = {"t_good": (0.45, "finished", 6, 1000.0), "t_fair": (0.6, "finished", 6, None),
+              "t_third": (0.55, "finished", 6, 3000.0), "t_stopped": (0.9, "stopped", 2, 5000.0),
+              "t_error": (None, "error", 0, 7000.0)}
     records = []
-    for trial_id, (scale, status, points, wall_s) in trials.items():
+    for trial_id, (scale, status, points, started_s) in trials.items():
         if scale is not None:
             oof = table[["id", "fold", "target"]].copy()
             oof["pred_last"] = 0.7 * oof["target"] - 0.2 + rng.normal(0, scale, len(oof))
             oof["pred_best"] = oof["pred_last"]
             (run_dir / "oof").mkdir(exist_ok=True)
             oof.to_csv(run_dir / "oof" / f"{trial_id}.csv", index=False)
+            busy = 40.0 * np.arange(1, points + 1)
+            if trial_id == "t_third":
+                busy = np.concatenate([busy[:3], busy[:3]])  # its clock began again at the restart
             curve = pd.DataFrame({"eval_point": range(1, points + 1), "cv_rmse_last": np.linspace(1.0, scale, points),
-                                  "fold_busy_s": 40.0 * np.arange(1, points + 1), "fold_callbacks_s": 1.0})
+                                  "fold_busy_s": busy, "fold_callbacks_s": 1.0,
+                                  "reported_at": (started_s or 0) + 20 + 10 * np.arange(points) + busy + 1})
             (run_dir / "curves").mkdir(exist_ok=True)
             curve.to_csv(run_dir / "curves" / f"{trial_id}.csv", index=False)
         records.append({"trial_id": trial_id, "params": {"train.lr": 1e-5}, "status": status, "eval_points": points,
-                        "reason": "fold 0: boom" if status == "error" else None, "wall_s": wall_s,
+                        "reason": "fold 0: boom" if status == "error" else None, "started_s": started_s,
                         "restarts": int(trial_id == "t_third"), "points_redone": 2 * int(trial_id == "t_third")})
     (run_dir / "run.json").write_text(json.dumps(
         {"name": "stacking", "num_points": 6, "max_t": 6, "scheduler": "asha", "searched": ["train.lr"],
@@ -189,13 +191,15 @@ def test_cost_totals_are_the_sum_of_the_trials(run_dir):
     cost = report["cost"]
     rows = {row["trial_id"]: row for row in cost["trials"]}
     assert [row["trial_id"] for row in cost["trials"]] == [t["trial_id"] for t in report["trials"]]
-    # folds x per-fold resources x wall time; t_fair's wall time comes from its curve (40 s a point + 1 s)
+    # folds x per-fold resources x wall time: 20 s of start-up and 6 points of 40 s (+1 s)
+    assert rows["t_good"]["wall_s"] == pytest.approx(261.0) and rows["t_good"]["wall_s_source"] == "trial start"
+    assert rows["t_good"]["worker_s"] == pytest.approx(3 * 261.0)
+    assert rows["t_good"]["cpu_s"] == pytest.approx(3 * 2 * 261.0)
+    assert rows["t_good"]["gpu_s"] == pytest.approx(3 * 0.5 * 261.0)
+    assert rows["t_good"]["gpu_cost"] == pytest.approx(3 * 0.5 * 261.0 / 3600 * 2.5)
     assert rows["t_fair"]["wall_s"] == pytest.approx(241.0) and rows["t_fair"]["wall_s_source"] == "curve"
-    assert rows["t_good"]["wall_s"] == 300.0 and rows["t_good"]["wall_s_source"] == "tune"
-    assert rows["t_good"]["worker_s"] == pytest.approx(3 * 300.0)
-    assert rows["t_good"]["cpu_s"] == pytest.approx(3 * 2 * 300.0)
-    assert rows["t_good"]["gpu_s"] == pytest.approx(3 * 0.5 * 300.0)
-    assert rows["t_good"]["gpu_cost"] == pytest.approx(3 * 0.5 * 300.0 / 3600 * 2.5)
+    assert rows["t_third"]["wall_s"] == pytest.approx(20 + 121 + 121)  # two sessions of 3 points
+    assert rows["t_stopped"]["wall_s"] == pytest.approx(20 + 81)
     assert rows["t_error"]["wall_s"] is None and rows["t_error"]["gpu_s"] is None
     assert rows["t_third"]["points_trained"] == 8  # 6 points and 2 redone after a restart
     total = cost["total"]
@@ -285,15 +289,20 @@ def test_the_smoke_run_reports_a_stacked_ensemble_and_its_cost(smoke_run):
     out = smoke_run["proc"].stdout
     assert f"stacked ensemble of {len(finished)} trials: cv_rmse_last {stacked['cv_rmse_last']:.4f}" in out
     cost = report["cost"]
-    assert all(row["wall_s_source"] == "tune" and row["wall_s"] > 0 for row in cost["trials"]), cost["trials"]
     for key in ("wall_s", "worker_s", "cpu_s", "gpu_s", "eval_points", "points_trained"):
         assert cost["total"][key] == pytest.approx(sum(row[key] for row in cost["trials"])), key
+    started = {t["trial_id"]: t["started_s"] for t in json.loads((run_dir / "run.json").read_text())["trials"]}
     for row in cost["trials"]:
+        assert row["wall_s_source"] == "trial start" and row["wall_s"] > 0, row
         assert row["cpu_s"] == pytest.approx(3 * 0.5 * row["wall_s"]) and row["gpu_s"] == 0
         curve = pd.read_csv(run_dir / "curves" / f"{row['trial_id']}.csv")
         assert row["eval_points"] == len(curve)
-        # Tune's clock includes starting the fold workers: never less than rank 0's own training time.
-        assert row["wall_s"] >= curve_wall_s(curve)
+        # One session each: from the trial's start to its last point, by hand.
+        assert row["wall_s"] == pytest.approx(curve["reported_at"].iloc[-1] - started[row["trial_id"]], abs=2.0)
+        # Tune's own clock (its result rows, in the storage once the run is over) agrees: it starts the trial a
+        # moment after the tracker sees it and stops once the last point's checkpoint is stored.
+        rows = [json.loads(line) for line in (run_dir / "ray" / "tune" / row["trial_id"] / "result.json").open()]
+        assert abs(row["wall_s"] - rows[-1]["time_total_s"]) < 0.2 * rows[-1]["time_total_s"], (row, rows[-1])
     stopped = [row for row in cost["trials"] if row["status"] == "stopped"]
     assert cost["asha_saved"]["points_saved"] == sum(6 - row["eval_points"] for row in stopped)
     assert cost["asha_saved"]["points_if_all_ran_to_max_t"] == 6 * len(cost["trials"])
