@@ -78,7 +78,7 @@ def spaces(args) -> int:
     width = max(len(f"spaces/{name}") for name, _ in listed)
     for name, purpose in listed:
         print(f"{f'spaces/{name}':<{width}}  {purpose}")
-    print(f"(from {BUNDLED_SPACES_DIR}; a file of that name in the working directory wins; "
+    print(f"(shipped in {BUNDLED_SPACES_DIR}; a file at the path you give wins over them; "
           "check one with raycv validate spaces/NAME.yaml)")
     return 0
 
