@@ -132,6 +132,14 @@ def test_the_config_reference_has_every_key():
     assert not [key for key in LEAF_KEYS if f"| `{key}` |" not in text]
 
 
+def test_the_layout_page_names_every_module_and_test_file():
+    text = (DOCS_DIR / "layout.md").read_text()
+    modules = [p.name for p in (REPO_DIR / "raycv").glob("*.py") if p.name != "__init__.py"]
+    tests = [p.name for p in (REPO_DIR / "tests").glob("test_*.py")]
+    missing = [f"raycv/{m}" for m in modules if f"raycv/{m}" not in text] + [t for t in tests if f"`{t}`" not in text]
+    assert not missing, f"docs/layout.md does not say what these are for: {missing}"
+
+
 # ---------------------------------------------------------------- raycv spaces
 
 
