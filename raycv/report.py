@@ -179,20 +179,24 @@ def _numbers(curve: pd.DataFrame, *columns: str) -> np.ndarray | None:
 
 
 def trial_wall_s(started_s: float | None, curve: pd.DataFrame | None) -> tuple[float | None, str | None]:
-    """(a trial's wall time, how it was measured) from its curve, whose every row has rank 0's clock since its
+    """(a trial's wall time, how it was measured) from its curve, whose rows have rank 0's clock since its
     training loop began (fold_busy_s + fold_callbacks_s; a restarted worker's begins again at 0) and the wall
-    clock (reported_at). The sessions' training times add up; with the trial's start (`started_s`), the time
-    from it to the first session's training loop (starting Ray Train's fold workers, building the models) is
-    added: "trial start". Without it: "curve", training time only. (None, None) without a curve."""
+    clock once every fold reached the point (reported_at). Each session of the fold workers runs from its loop's
+    start to its last point; with the trial's start (`started_s`) the first runs from there instead, so starting
+    Ray Train's fold workers and building the models count: "trial start". Without it: "curve", the sessions'
+    loops only. (None, None) without a curve."""
     elapsed = None if curve is None or not len(curve) else _numbers(curve, "fold_busy_s", "fold_callbacks_s")
     if elapsed is None:
         return None, None
-    session_ends = [i for i in range(len(elapsed)) if i == len(elapsed) - 1 or elapsed[i + 1] < elapsed[i]]
-    training = float(sum(elapsed[i] for i in session_ends))
+    starts = [0] + [i + 1 for i in range(len(elapsed) - 1) if elapsed[i + 1] < elapsed[i]]
+    ends = [s - 1 for s in starts[1:]] + [len(elapsed) - 1]
     reported = _numbers(curve, "reported_at")
-    if started_s is None or reported is None:
-        return training, "curve"
-    return training + max(float(reported[0] - elapsed[0]) - started_s, 0.0), "trial start"
+    if reported is None:  # a curve without the wall clock: the loops' own times
+        return float(sum(elapsed[e] for e in ends)), "curve"
+    sessions = float(sum(reported[e] - (reported[s] - elapsed[s]) for s, e in zip(starts, ends, strict=True)))
+    if started_s is None:
+        return sessions, "curve"
+    return sessions + max(float(reported[0] - elapsed[0]) - started_s, 0.0), "trial start"
 
 
 def _product(*factors: float | None) -> float | None:

@@ -113,7 +113,7 @@ def test_a_trials_wall_time_runs_from_its_start_to_its_last_point():
     assert trial_wall_s(None, curve) == (pytest.approx(4.5), "curve")  # start unknown: training time only
     # Restarted after point 2 (its fold workers' clock began again): the sessions' training times add up.
     restarted = pd.DataFrame({"fold_busy_s": [2.0, 4.0, 1.0, 3.0], "fold_callbacks_s": [0.0, 0.5, 0.0, 0.5],
-                              "reported_at": [1032.0, 1034.5, 1090.0, 1093.5]})
+                              "reported_at": [1032.0, 1034.5, 1091.0, 1093.5]})
     assert trial_wall_s(1000.0, restarted) == (pytest.approx(30 + 4.5 + 3.5), "trial start")
     assert trial_wall_s(1000.0, pd.DataFrame({"eval_point": [1]})) == (None, None)
     assert trial_wall_s(1000.0, None) == (None, None)
@@ -151,7 +151,8 @@ def run_dir(tmp_path_factory, train_csv) -> Path:
                 busy = np.concatenate([busy[:3], busy[:3]])  # its clock began again at the restart
             curve = pd.DataFrame({"eval_point": range(1, points + 1), "cv_rmse_last": np.linspace(1.0, scale, points),
                                   "fold_busy_s": busy, "fold_callbacks_s": 1.0,
-                                  "reported_at": (started_s or 0) + 20 + 10 * np.arange(points) + busy + 1})
+                                  "reported_at": (started_s or 0) + 20 + busy + 1 + 500 * (np.arange(points) >= 3)
+                                  * (trial_id == "t_third")})  # t_third's second session began 500 s later
             (run_dir / "curves").mkdir(exist_ok=True)
             curve.to_csv(run_dir / "curves" / f"{trial_id}.csv", index=False)
         records.append({"trial_id": trial_id, "params": {"train.lr": 1e-5}, "status": status, "eval_points": points,
