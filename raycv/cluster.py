@@ -23,6 +23,10 @@ TRIAL_DRIVER_CPU = 0.25  # the Tune trial's own actor; the fold workers reserve 
 # and a lost GPU node (spot) takes down only fold workers, whose trial then retries from their checkpoints.
 DRIVER_RESOURCE = "raycv_driver"
 DRIVER_RESOURCE_SHARE = 0.01
+# On a local Ray that raycv started for the run, nothing drains the one node: Ray Train's preemption watcher
+# (an actor per trial, polling the node's drain state, ~1.5 s of CPU to start) has nothing to see there. On a
+# cluster it stays on: a spot node's drain notice is what it is for.
+LOCAL_ONLY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 def use_token_auth(address: str | None) -> None:
@@ -62,7 +66,7 @@ def start_ray(address: str | None) -> bool:
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by the local Ray's start-up (ray._private.node)
     try:
         context = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
-                           runtime_env=_job_env(f"127.0.0.1:{port}"))
+                           runtime_env=_job_env(f"127.0.0.1:{port}", LOCAL_ONLY_ENV))
     except Exception as exc:  # Ray raises a bare Exception when its processes do not come up in time
         raise RaycvError(f"could not start a local Ray: {str(exc).strip().splitlines()[0]} (is the machine "
                          "overloaded or out of memory? `ray status` shows a Ray already running)") from None
@@ -88,8 +92,9 @@ def _bootstrap_address(address: str) -> str | None:
         raise RaycvError(f"cannot join the Ray cluster at {address}: {str(exc).strip().splitlines()[-1]}") from None
 
 
-def _job_env(gcs_address: str | None) -> dict | None:
-    return {"env_vars": {"RAY_ADDRESS": gcs_address}} if gcs_address else None
+def _job_env(gcs_address: str | None, extra: dict | None = None) -> dict | None:
+    env_vars = {**({"RAY_ADDRESS": gcs_address} if gcs_address else {}), **(extra or {})}
+    return {"env_vars": env_vars} if env_vars else None
 
 
 def _free_port() -> int:
