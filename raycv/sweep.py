@@ -17,6 +17,8 @@ import logging
 import math
 import os
 import signal
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,9 @@ STORAGE_OUTAGES_PER_TRIAL = 3  # times a trial's Train run resumes after the sto
 # Ray Train waits this long for a worker group's resources per attempt (its default), and retries a timed-out
 # start as a controller failure: run.resource_wait_s is spent in attempts of at most this length.
 WORKER_GROUP_START_TIMEOUT_S = 60.0
+# While a search runs, the report (report.md, report.json, plots) is refreshed at most this often, in the
+# background; `raycv report RUN_DIR` rebuilds it any time, and the search's end writes the final one.
+REPORT_REFRESH_S = 30.0
 
 
 def train_driver_fn(params: dict, base_config: dict, encoded: EncodedFolds, num_points: int) -> None:
@@ -154,9 +159,10 @@ def to_param_space(config: Config) -> dict[str, Any]:
 
 
 class TrialTracker(tune.Callback):
-    """Records each trial's status in run.json as it changes; when a trial ends, collects its files, drops
-    the fold checkpoints no one will predict with, and refreshes the report. (Tune keeps it with the
-    experiment, so a restored run tracks on.)"""
+    """Records each trial's status in run.json as it changes; when a trial ends, collects its files. Dropping
+    the fold checkpoints no one will predict with and refreshing the report happen in a background thread
+    (`ReportRefresher`), off Tune's event loop, which starts the next trial meanwhile. (Tune keeps the
+    tracker with the experiment, so a restored run tracks on.)"""
 
     def __init__(self, config: Config, max_t: int):
         self.config, self.max_t = config.to_dict(), max_t
@@ -192,11 +198,61 @@ class TrialTracker(tune.Callback):
                 write_trial_status(self.storage_path, record.trial_id, record.status, record.reason)
         save_run_state(self.run_dir, state)
         if ended:
-            keep_fold_models(state, Config.model_validate(self.config))
+            ReportRefresher.of(self.run_dir, Config.model_validate(self.config)).request()
+
+
+class ReportRefresher:
+    """Refreshes the report and the kept fold models after trials end, in one background thread of the
+    driver: at most one refresh every REPORT_REFRESH_S, each covering every trial that ended before it began
+    (requests made meanwhile merge into the next). A refresh draws plots and may export fold models: seconds
+    of CPU that would otherwise hold up Tune's event loop, and with it the next trial's start. One per run
+    directory in this process (the tracker itself is pickled with Tune's experiment state, a thread is not);
+    `finish` closes it before it writes the final report, so two refreshes never overlap."""
+
+    running: dict[Path, ReportRefresher] = {}
+
+    @classmethod
+    def of(cls, run_dir: Path, config: Config) -> ReportRefresher:
+        if run_dir not in cls.running:
+            cls.running[run_dir] = cls(run_dir, config)
+        return cls.running[run_dir]
+
+    @classmethod
+    def close_for(cls, run_dir: Path) -> None:
+        """Wait for a refresh under way, and stop."""
+        refresher = cls.running.pop(run_dir, None)
+        if refresher is not None:
+            refresher.close()
+
+    def __init__(self, run_dir: Path, config: Config, min_interval_s: float | None = None):
+        self.run_dir, self.config = run_dir, config
+        self.min_interval_s = REPORT_REFRESH_S if min_interval_s is None else min_interval_s
+        self.wanted, self.closing = threading.Event(), threading.Event()
+        self.last_start = -math.inf
+        self.thread = threading.Thread(target=self._loop, name="raycv-report-refresh", daemon=True)
+        self.thread.start()
+
+    def request(self) -> None:
+        self.wanted.set()
+
+    def close(self) -> None:
+        self.closing.set()
+        self.wanted.set()
+        self.thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            self.wanted.wait()
+            self.closing.wait(max(0.0, self.last_start + self.min_interval_s - time.monotonic()))
+            if self.closing.is_set():
+                return
+            self.wanted.clear()
+            self.last_start = time.monotonic()
             try:
+                keep_fold_models(load_run_state(self.run_dir), self.config)
                 write_report(self.run_dir)
             except Exception:  # a report that cannot be drawn yet must not stop the search
-                log.warning("could not refresh the report after trial %s", trial.trial_id, exc_info=True)
+                log.warning("could not refresh the report of %s", self.run_dir, exc_info=True)
 
 
 def keep_fold_models(state: RunState, config: Config) -> None:
@@ -252,6 +308,8 @@ def run_sweep(config: Config, plan: Plan, address: str | None = None, resume: bo
             except Exception as exc:
                 stop_on_storage_failure(exc, output_dir, resume_command)
                 raise
+            finally:
+                ReportRefresher.close_for(output_dir)  # before anything else writes the report
         return finish(config, plan.max_t, received, resume_command)
     finally:
         if started:
