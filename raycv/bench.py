@@ -408,7 +408,7 @@ def trial_results(run_dir: Path) -> dict[str, pd.DataFrame]:
     return out
 
 
-def report_overhead(results: Results, run: Run, run_dir: Path) -> None:
+def report_overhead(results: Results, run: Run, run_dir: Path, breakdown: str = "") -> None:
     """Per trial: wall time = from its start to the next trial's start (trials run one at a time), its
     folds' busy time = rank 0's training + evaluation seconds; the rest is overhead, split into a cost per
     evaluation point (time in on_eval) and a fixed cost per trial."""
@@ -441,7 +441,7 @@ def report_overhead(results: Results, run: Run, run_dir: Path) -> None:
     results.set("report_overhead_fraction", extrapolated,
                 f"extrapolated: (fixed + 8 x per-point) / (that + 8 x 60 s); {used}")
     results.set("report_overhead_fraction_measured", measured, used)
-    results.set("report_fixed_cost_s", fixed_s, used)
+    results.set("report_fixed_cost_s", fixed_s, f"{used}; {breakdown}" if breakdown else used)
     results.set("report_per_point_cost_s", point_s, used)
 
 
@@ -480,6 +480,32 @@ def first_result_breakdown(run: Run) -> str:
     return "breakdown: " + ", ".join(parts)
 
 
+def later_trial_breakdown(run: Run) -> str:
+    """Where a later trial's wall time went (the second of a run whose trials run one at a time: what each of
+    a long search's trials pays), from the times the run's own lines appeared."""
+    started = [line.split()[1] for _, line in run.lines if line.startswith("Trial ") and " started with" in line]
+    if len(started) < 2:
+        return "no later trial to break down"
+    previous, trial = started[0], started[1]
+    marks = [(f"Trial {previous} completed", None),
+             ("previous trial's end to this trial's driver ready (report refresh, driver process and imports)",
+              f"Trial {trial} started with"),
+             ("Train controller and fold workers start (processes, imports, torch.distributed)",
+              f"{trial} | fold 0 | fold worker started"),
+             ("model build, first training and evaluation, pooling", f"{trial} | point 1/"),
+             ("the other points", f"Trial {trial} completed")]
+    before, parts = run.first(marks[0][0]), []
+    if before is None:
+        return "no later trial to break down (its predecessor's end was not printed)"
+    for name, needle in marks[1:]:
+        at = run.first(needle)
+        if at is None:
+            break
+        parts.append(f"{name} {at - before:.1f} s")
+        before = at
+    return f"trial {trial}: " + ", ".join(parts)
+
+
 def lr_grid(lrs: list) -> str:
     # 3.0e-04, not 3e-04: YAML reads a number without a dot in its mantissa as a string
     return "search.params={train.lr: {grid: [" + ", ".join(f"{lr:.1e}" for lr in lrs) + "]}}"
@@ -504,7 +530,7 @@ def measure_tune(results: Results, sizes: Sizes, data_path: str, work: Path) -> 
     results.set("first_result_s", full.first("| cv_rmse_last "),
                 "smoke.yaml (overridden as below), subprocess start to the first pooled line; "
                 + first_result_breakdown(full))
-    report_overhead(results, full, full_dir)
+    report_overhead(results, full, full_dir, later_trial_breakdown(full))
     if sizes.quick:  # two more whole searches: minutes on 2 cores, too long for the test suite's --quick
         for key in ("asha_epoch_fraction", "asha_best_rmse_delta"):
             results.skip(key, "measured by the full bench only (an ASHA search and the same trials without it)")
