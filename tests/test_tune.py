@@ -45,10 +45,8 @@ def test_report_has_one_row_per_trial(smoke_run):
     ids = [t["trial_id"] for t in report["trials"]]
     assert len(ids) == 4 == len(set(ids))  # a grid of 2 learning rates x 2 seeds
     assert sorted(pd.read_csv(run_dir / "trials.csv")["trial_id"]) == sorted(ids)
-    leaderboard = [
-        line for line in (run_dir / "report.md").read_text().splitlines()
-        if line.startswith("| ") and line.split(" | ")[0][2:] in ids
-    ]
+    section = (run_dir / "report.md").read_text().split("## Leaderboard", 1)[1].split("\n## ", 1)[0]
+    leaderboard = [line for line in section.splitlines() if line.startswith("| ") and line.split(" | ")[0][2:] in ids]
     assert len(leaderboard) == 4
     assert sorted({t["params"]["train.lr"] for t in report["trials"]}) == [1e-4, 3e-3]
     for name in ("pred_vs_target.png", "cv_rmse_curves.png", "rmse_by_param.png", "folds.csv", "resolved_config.yaml"):
