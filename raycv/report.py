@@ -237,6 +237,7 @@ def run_cost(loaded: dict, order: list[str]) -> dict:
     full, saved = max_t * len(ran), sum(max(max_t - r["eval_points"], 0) for r in ran if r["status"] == "stopped")
     hours = lambda per: None if per is None else saved * per / 3600  # noqa: E731
     asha = {
+        "scheduler": loaded["run"].scheduler,  # with none, nothing stops a trial early: nothing saved
         "points_if_all_ran_to_max_t": full, "points_reached": sum(r["eval_points"] for r in ran),
         "points_saved": saved, "fraction_saved": saved / full if full else None,
         "worker_s_per_point": per_point["worker_s"], "gpu_s_per_point": per_point["gpu_s"],
@@ -425,7 +426,9 @@ def cost_lines(cost: dict) -> list[str]:
                      f"{_hours(row['gpu_s'])} | " + (f"{_fmt(row['gpu_cost'])} | " if money else "")
                      + f"{row['eval_points']} | {row['points_trained']} |")
     lines.append("")
-    if asha["fraction_saved"] is None:
+    if asha["scheduler"] != "asha":
+        lines.append(f"Scheduler {asha['scheduler']}: every trial runs to max_t, nothing is stopped early.")
+    elif asha["fraction_saved"] is None:
         lines.append("ASHA saved nothing to count: no trial finished or was stopped.")
     else:
         lines.append(
@@ -450,7 +453,7 @@ def summary(report: dict) -> str:
     line = (f"cost: {total['worker_s'] / 3600:.3g} worker-hours, {total['gpu_hours']:.3g} GPU-hours"
             + (f" ({total['gpu_cost']:.2f} at {price:g} per GPU-hour)" if price is not None else "")
             + f", {total['points_trained']} evaluation points trained")
-    if asha["fraction_saved"] is not None:
+    if asha["scheduler"] == "asha" and asha["fraction_saved"] is not None:
         line += (f"; ASHA saved {asha['points_saved']} of {asha['points_if_all_ran_to_max_t']} points "
                  f"({asha['fraction_saved']:.0%}), {asha['gpu_hours_saved'] or 0:.3g} GPU-hours")
     return "\n".join([*lines, line])

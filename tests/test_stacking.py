@@ -230,6 +230,7 @@ def test_without_two_finished_trials_the_stacked_ensemble_says_why(run_dir, tmp_
     for trial in state["trials"]:
         if trial["trial_id"] in ("t_fair", "t_third"):
             trial["status"] = "stopped"
+    state["scheduler"] = "none"  # (by hand: no scheduler stops trials, so nothing is saved)
     (alone / "run.json").write_text(json.dumps(state))
     paths = write_report(alone)
     stacked = paths["report"]["stacked_ensemble"]
@@ -237,6 +238,8 @@ def test_without_two_finished_trials_the_stacked_ensemble_says_why(run_dir, tmp_
     assert stacked["reason"] == "1 finished trial(s) with predictions; stacking needs 2 or more"
     assert "None: 1 finished trial(s)" in (alone / "report.md").read_text()
     assert "stacked ensemble: none (1 finished trial(s)" in paths["summary"]
+    assert "Scheduler none: every trial runs to max_t" in (alone / "report.md").read_text()
+    assert "ASHA" not in paths["summary"] and paths["report"]["cost"]["asha_saved"]["scheduler"] == "none"
     with pytest.raises(RaycvError, match="--trials stacked: the run has no stacked ensemble"):
         chosen_trials(paths["report"], "stacked")
     # Without gpu_hour_price and with a CPU run: GPU time is 0, money is not shown.
