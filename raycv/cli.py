@@ -8,7 +8,7 @@
     raycv tune search_spaces/base.yaml [--address auto]
     raycv report runs/base
     raycv bench [--quick] [--gpu] [--out bench.json] [--data train.csv]
-    raycv predict runs/base --data test.csv --out submission.csv [--trials best|top-k]
+    raycv predict runs/base --data test.csv --out submission.csv [--trials best|top-k|stacked]
 
 Any search space takes `key=value` overrides after it (`data.path=/data/train.csv train.lr=3e-5`).
 Bad input of any kind: one line on stderr per problem, exit status 2.
@@ -81,8 +81,9 @@ def build_parser() -> Parser:
     p.add_argument("run_dir", help="the run's output directory, e.g. runs/base")
     p.add_argument("--data", required=True, help="CSV with the id and text columns the run was trained with")
     p.add_argument("--out", default="submission.csv", help="CSV to write as id,target (default submission.csv)")
-    p.add_argument("--trials", choices=["best", "top-k"], default="best",
-                   help="the best trial's fold models, or those of the report's top-k ensemble (default best)")
+    p.add_argument("--trials", choices=["best", "top-k", "stacked"], default="best",
+                   help="the best trial's fold models, those of the report's top-k ensemble, or the stacked "
+                        "ensemble's weighted trials (default best)")
     return parser
 
 

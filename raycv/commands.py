@@ -167,7 +167,7 @@ def report(args) -> int:
 
 
 def predict(args) -> int:
-    from raycv.predict import predict_texts
+    from raycv.predict import predict_run
     from raycv.report import build_report, load_run
 
     run_dir, out = Path(args.run_dir), Path(args.out)
@@ -175,13 +175,9 @@ def predict(args) -> int:
     report = attempt(problems, lambda: build_report(load_run(run_dir)))
     if problems:
         raise ConfigError(None, problems)
-    trials = [report["best_trial"]] if args.trials == "best" else report["top_k_ensemble"]["trials"]
-    if not [t for t in trials if t]:
-        raise RaycvError(f"{run_dir} has no finished trial to predict with (see raycv report {run_dir})")
-    submission = predict_texts(run_dir, trials, args.data)
+    submission, how = predict_run(run_dir, report, args.trials, args.data)
     write_atomic(out, lambda tmp: submission.to_csv(tmp, index=False))
-    print(f"wrote {out}: {len(submission)} rows (id,target), the average of the fold models of "
-          f"{', '.join(trials)}")
+    print(f"wrote {out}: {len(submission)} rows (id,target), {how}")
     return 0
 
 
