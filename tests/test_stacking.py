@@ -315,35 +315,38 @@ def test_the_smoke_run_reports_a_stacked_ensemble_and_its_cost(smoke_run):
 
 @pytest.mark.ray
 @pytest.mark.timeout(1500)
-def test_predict_stacked_writes_the_weighted_submission(smoke_run, train_csv, tmp_path):
-    """The smoke run keeps the best trial's fold models only (run.keep_fold_models 1): a stacked prediction
-    that weights another trial is refused in one line naming the setting. In a copy whose every finished
-    trial has kept models (the best trial's files under the others' names: what is checked is the weighting,
-    not the models), the submission is intercept + sum(weight x the trial's fold-model average)."""
+def test_predict_stacked_writes_the_weighted_submission(smoke_run, train_csv, tmp_path, capsys):
+    """`raycv predict RUN --trials stacked`. The smoke run keeps the best trial's fold models only
+    (run.keep_fold_models 1): a stacked prediction that weights another trial is refused in one line naming
+    the setting, exit 2, nothing written. In a copy whose every finished trial has kept models (the best
+    trial's files under the others' names: what is checked is the weighting, not the models), the submission
+    is intercept + sum(weight x the trial's fold-model average)."""
+    from raycv.cli import main
     from raycv.predict import predict_texts
-    from raycv.report import build_report, load_run
 
     run_dir, report = smoke_run["run_dir"], smoke_run["report"]
     seen = set(pd.read_csv(run_dir / "folds.csv", dtype={"id": str})["id"])
     rows = pd.read_csv(train_csv, dtype={"id": str})
     test = rows[~rows["id"].isin(seen)].head(30)[["id", "excerpt"]]
-    test.to_csv(tmp_path / "test.csv", index=False)
+    data, out = str(tmp_path / "test.csv"), tmp_path / "submission.csv"
+    test.to_csv(data, index=False)
     weights, intercept, keep = chosen_trials(report, "stacked")
     if keep > 1:
-        with pytest.raises(RaycvError, match=f"set it to {keep} or more before the search: run.keep_fold_models"):
-            predict_run(run_dir, report, "stacked", str(tmp_path / "test.csv"))
+        assert main(["predict", str(run_dir), "--data", data, "--out", str(out), "--trials", "stacked"]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert f"set it to {keep} or more before the search: run.keep_fold_models={keep}" in line
+        assert not out.exists()
 
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("ray"))
     for trial_id in report["stacked_ensemble"]["trials"]:
         if not (copy / "models" / trial_id).is_dir():
             shutil.copytree(copy / "models" / report["best_trial"], copy / "models" / trial_id)
-    report = build_report(load_run(copy))
-    submission, how = predict_run(copy, report, "stacked", str(tmp_path / "test.csv"))
-    assert "stacked ensemble" in how
-    assert submission["id"].tolist() == test["id"].tolist() and np.isfinite(submission["target"]).all()
-    expected = intercept + sum(w * predict_texts(copy, [t], str(tmp_path / "test.csv"))["target"].to_numpy()
-                               for t, w in weights.items())
+    assert main(["predict", str(copy), "--data", data, "--out", str(out), "--trials", "stacked"]) == 0
+    assert "the stacked ensemble: intercept" in capsys.readouterr().out
+    submission = pd.read_csv(out, dtype={"id": str})
+    assert list(submission.columns) == ["id", "target"] and submission["id"].tolist() == test["id"].tolist()
+    expected = intercept + sum(w * predict_texts(copy, [t], data)["target"].to_numpy() for t, w in weights.items())
     assert submission["target"].to_numpy() == pytest.approx(expected, abs=1e-5)
-    best = predict_texts(copy, [report["best_trial"]], str(tmp_path / "test.csv"))["target"].to_numpy()
+    best = predict_texts(copy, [report["best_trial"]], data)["target"].to_numpy()
     assert not np.allclose(submission["target"].to_numpy(), best)  # the weights and intercept moved it
