@@ -268,3 +268,79 @@ def test_a_readme_command_on_the_smoke_run_runs(command, smoke_run, placeholders
         out = Path(argv[argv.index("--out") + 1])
         submission = pd.read_csv(out)
         assert list(submission.columns) == ["id", "target"] and len(submission) == 12
+
+
+# ---------------------------------------------------------------- the searches docs/ and the YAML headers show
+
+HEAD_CHECKOUTS = ("/home/ubuntu/raycv", "/home/YOUR-USER/raycv", "~/raycv")
+
+
+def header_commands(path: Path) -> list[str]:
+    """The commands a YAML file's comments show (`# raycv ...`, `# ray ...`), continued lines joined."""
+    commands, current = [], None
+    for line in path.read_text().splitlines():
+        text = line.lstrip("#").strip() if line.lstrip().startswith("#") else None
+        if current is not None and text is not None:
+            current += " " + text
+        elif text is not None and re.match(r"(raycv|ray) ", text):
+            current = text
+        if current is not None and not current.endswith("\\"):
+            commands.append(current)
+            current = None
+        elif current is not None:
+            current = current[:-1]
+    return commands
+
+
+def raycv_parts(command: str) -> list[list[str]]:
+    """The raycv command lines inside a shell command: itself, the part after `ray job submit ... --`, or
+    the raycv steps of `ray exec CONFIG '...'`."""
+    words = shlex.split(command, comments=True)
+    if words[:3] == ["ray", "job", "submit"]:
+        return [words[words.index("--") + 1:]]
+    if words[:2] == ["ray", "exec"]:
+        return [shlex.split(part) for part in words[3].split("&&") if shlex.split(part)[0] == "raycv"]
+    return [words] if words[0] == "raycv" else []
+
+
+def documented_searches() -> list[list[str]]:
+    found = []
+    for doc in sorted(DOCS_DIR.glob("*.md")):
+        for command in shell_commands(doc.read_text()):
+            found += raycv_parts(shlex.join(command))
+    for yaml_file in [*sorted(SPACES_DIR.glob("*.yaml")), *sorted(REPO_DIR.glob("cluster*.yaml"))]:
+        for command in header_commands(yaml_file):
+            found += raycv_parts(command)
+    unique = []
+    for command in found:
+        if command[1] in ("tune", "validate") and command not in unique:
+            unique.append(command)
+    return unique
+
+
+def test_the_docs_and_yaml_headers_show_searches():
+    searches = documented_searches()
+    assert any("base.yaml" in shlex.join(c) for c in searches) and len(searches) >= 8, searches
+
+
+@pytest.mark.parametrize("command", documented_searches(), ids=shlex.join)
+def test_a_search_the_docs_or_a_yaml_header_shows_validates(command, placeholders, cluster_checkout, tmp_path,
+                                                             monkeypatch, capsys):
+    """Each `raycv tune` / `raycv validate` of docs/ and the YAML headers (cluster ones as the head runs
+    them, in its checkout) validates with the same space and overrides; a pretrained backbone's directory
+    is a real Hugging Face model (the packaged MiniLM, saved)."""
+    from raycv.model import minilm_dir
+
+    monkeypatch.chdir(cluster_checkout)
+    hf_dir = cluster_checkout / "models" / "structbert-large-hf"
+    if not hf_dir.exists():
+        shutil.copytree(minilm_dir(), hf_dir)
+    cluster = {old: str(cluster_checkout) for old in HEAD_CHECKOUTS}
+    cluster.update({"s3://YOUR-BUCKET/raycv": str(tmp_path / "storage"), "/mnt/shared/raycv": str(tmp_path / "shared")})
+    argv = replace(replace(command[1:], placeholders), cluster)
+    parses(argv)
+    argv = validate_instead(argv) if argv[0] == "tune" else [*argv, "--no-model"]
+    if any(word.startswith("model.backbone.path=") for word in argv):
+        argv.remove("--no-model")  # the model directory named: build the model from it, as the search would
+    assert main(argv) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.rstrip().endswith("ok")
