@@ -224,12 +224,13 @@ def ray_head(home: Path, extra_args: list[str] = (), extra_env: dict | None = No
         yield {"ports": ports, "token": token, "token_path": token_path, "env": env,
                "address": f"127.0.0.1:{ports['gcs']}", "dashboard": dashboard, "temp_dir": temp_dir}
     finally:
-        # SIGTERM to `ray start --block` alone: it stops the processes it started, in order, in ~8 s. The
-        # same signal sent to the whole group at once leaves it waiting on its dying children for 60 s.
+        # SIGTERM to `ray start --block` alone: it stops the processes it started, one by one, gracefully
+        # (~8 s for an idle head; the same signal to the whole group left it waiting 60 s on its dying
+        # children). A head that ran jobs takes longer: after 10 s the group is killed, which ends the rest.
         proc.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=30)
-        kill_group(proc)  # what it left (a dashboard module or two): the group is the head's own
+            proc.wait(timeout=10)
+        kill_group(proc)  # what is left: the group is the head's own
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
