@@ -66,6 +66,14 @@ def nodes_by_name(head: dict) -> dict[str, str]:
     return names
 
 
+def wait_for_nodes(head: dict, names: set[str], timeout_s: float = 120) -> dict[str, str]:
+    deadline = time.monotonic() + timeout_s
+    while not names <= set(found := nodes_by_name(head)):
+        assert time.monotonic() < deadline, f"worker nodes {sorted(names - set(found))} did not join"
+        time.sleep(2)
+    return found
+
+
 def fold_worker_nodes(head: dict, alive: bool = True) -> list[str]:
     """The node id of each fold worker (those alive now, or all the cluster has had)."""
     workers = list_actors(head["dashboard"], "RayTrainWorker", head["env"])
@@ -76,13 +84,13 @@ def test_a_lost_node_costs_the_points_since_the_checkpoint_not_the_trial(tmp_pat
     head_args = ["--num-cpus=1", f"--resources={json.dumps({DRIVER_RESOURCE: 100})}"]
     # The head notices a dead node within a few seconds instead of half a minute.
     fast_health_check = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
-    with ray_head(tmp_path, head_args, fast_health_check) as head, \
-            worker_node(head, "node_a") as node_a, worker_node(head, "node_b") as node_b:
-        wait_for_nodes = time.monotonic() + 120
-        while len(nodes_by_name(head)) < 2:
-            assert time.monotonic() < wait_for_nodes, "the worker nodes did not join"
-            time.sleep(2)
-        node_ids = nodes_by_name(head)
+    with ray_head(tmp_path, head_args, fast_health_check) as head, contextlib.ExitStack() as nodes:
+        # One after the other: two raylets that start at the same moment on one machine, in one session
+        # folder, can both time out registering ("Failed to get node info: Deadline Exceeded").
+        node_a = nodes.enter_context(worker_node(head, "node_a"))
+        wait_for_nodes(head, {"node_a"})
+        node_b = nodes.enter_context(worker_node(head, "node_b"))
+        node_ids = wait_for_nodes(head, {"node_a", "node_b"})
         env = {k: v for k, v in head["env"].items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
         run_dir, log_path = tmp_path / "runs" / "lost", tmp_path / "tune.log"
         args = ["tune", "--address", head["address"], "spaces/smoke.yaml", f"data.path={train_csv}",
