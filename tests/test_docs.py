@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_ray_up import header_commands
 
 from raycv.cli import build_parser, main
 from raycv.config_reference import config_reference
@@ -275,27 +276,12 @@ def test_a_readme_command_on_the_smoke_run_runs(command, smoke_run, placeholders
 HEAD_CHECKOUTS = ("/home/ubuntu/raycv", "/home/YOUR-USER/raycv", "~/raycv")
 
 
-def header_commands(path: Path) -> list[str]:
-    """The commands a YAML file's comments show (`# raycv ...`, `# ray ...`), continued lines joined."""
-    commands, current = [], None
-    for line in path.read_text().splitlines():
-        text = line.lstrip("#").strip() if line.lstrip().startswith("#") else None
-        if current is not None and text is not None:
-            current += " " + text
-        elif text is not None and re.match(r"(raycv|ray) ", text):
-            current = text
-        if current is not None and not current.endswith("\\"):
-            commands.append(current)
-            current = None
-        elif current is not None:
-            current = current[:-1]
-    return commands
-
-
 def raycv_parts(command: str) -> list[list[str]]:
     """The raycv command lines inside a shell command: itself, the part after `ray job submit ... --`, or
     the raycv steps of `ray exec CONFIG '...'`."""
     words = shlex.split(command, comments=True)
+    if words[:1] == ["nohup"]:  # `nohup raycv tune ... > tune.log 2>&1 &`: the raycv command itself
+        words = words[1:words.index(">")] if ">" in words else words[1:]
     if words[:3] == ["ray", "job", "submit"]:
         return [words[words.index("--") + 1:]]
     if words[:2] == ["ray", "exec"]:
@@ -309,7 +295,7 @@ def documented_searches() -> list[list[str]]:
         for command in shell_commands(doc.read_text()):
             found += raycv_parts(shlex.join(command))
     for yaml_file in [*sorted(SPACES_DIR.glob("*.yaml")), *sorted(REPO_DIR.glob("cluster*.yaml"))]:
-        for command in header_commands(yaml_file):
+        for command in header_commands(yaml_file.read_text()):
             found += raycv_parts(command)
     unique = []
     for command in found:
@@ -336,7 +322,8 @@ def test_a_search_the_docs_or_a_yaml_header_shows_validates(command, placeholder
     if not hf_dir.exists():
         shutil.copytree(minilm_dir(), hf_dir)
     cluster = {old: str(cluster_checkout) for old in HEAD_CHECKOUTS}
-    cluster.update({"s3://YOUR-BUCKET/raycv": str(tmp_path / "storage"), "/mnt/shared/raycv": str(tmp_path / "shared")})
+    cluster.update({"s3://YOUR-BUCKET/raycv": str(tmp_path / "storage"), "/mnt/shared/raycv": str(tmp_path / "shared"),
+                    "/path/to/train.csv": placeholders[DATA]})
     argv = replace(replace(command[1:], placeholders), cluster)
     parses(argv)
     argv = validate_instead(argv) if argv[0] == "tune" else [*argv, "--no-model"]
