@@ -465,19 +465,26 @@ def epochs_and_best(run_dir: Path) -> tuple[float, float]:
     return float(epochs), float(best["cv_rmse_last"])
 
 
+def timed_parts(run: Run, marks: list[tuple[str, str]], start: float) -> list[str]:
+    """"NAME x.x s" for each (name, needle) in order: the seconds from the previous mark (or `start`) to the
+    first line containing the needle; up to the first needle that never appeared."""
+    parts, before = [], start
+    for name, needle in marks:
+        at = run.first(needle)
+        if at is None:
+            break
+        parts.append(f"{name} {at - before:.1f} s")
+        before = at
+    return parts
+
+
 def first_result_breakdown(run: Run) -> str:
     """Where the seconds to the first pooled line went, from the times the run's own lines appeared."""
     marks = [("checks and Ray start", "started a local Ray"), ("trial driver start", " started with configuration"),
              ("Train controller and fold workers start", "fold worker started"),
              ("model build, first training and evaluation, pooling", "| cv_rmse_last ")]
-    parts, before = [], 0.0
-    for name, needle in marks:
-        at = run.first(needle)
-        if at is None:
-            return "breakdown: " + ", ".join(parts) if parts else "no breakdown (a line was missing)"
-        parts.append(f"{name} {at - before:.1f} s")
-        before = at
-    return "breakdown: " + ", ".join(parts)
+    parts = timed_parts(run, marks, 0.0)
+    return "breakdown: " + ", ".join(parts) if parts else "no breakdown (a line was missing)"
 
 
 def later_trial_breakdown(run: Run) -> str:
@@ -487,23 +494,16 @@ def later_trial_breakdown(run: Run) -> str:
     if len(started) < 2:
         return "no later trial to break down"
     previous, trial = started[0], started[1]
-    marks = [(f"Trial {previous} completed", None),
-             ("previous trial's end to this trial's driver ready (report refresh, driver process and imports)",
+    previous_end = run.first(f"Trial {previous} completed")
+    if previous_end is None:
+        return "no later trial to break down (its predecessor's end was not printed)"
+    marks = [("previous trial's end to this trial's driver ready (report refresh, driver process and imports)",
               f"Trial {trial} started with"),
              ("Train controller and fold workers start (processes, imports, torch.distributed)",
               f"{trial} | fold 0 | fold worker started"),
              ("model build, first training and evaluation, pooling", f"{trial} | point 1/"),
              ("the other points", f"Trial {trial} completed")]
-    before, parts = run.first(marks[0][0]), []
-    if before is None:
-        return "no later trial to break down (its predecessor's end was not printed)"
-    for name, needle in marks[1:]:
-        at = run.first(needle)
-        if at is None:
-            break
-        parts.append(f"{name} {at - before:.1f} s")
-        before = at
-    return f"trial {trial}: " + ", ".join(parts)
+    return f"trial {trial}: " + ", ".join(timed_parts(run, marks, previous_end))
 
 
 def lr_grid(lrs: list) -> str:
