@@ -80,6 +80,11 @@ def fold_worker_nodes(head: dict, alive: bool = True) -> list[str]:
     return [worker["node_id"] for worker in workers if worker["state"] == "ALIVE" or not alive]
 
 
+def pooled_result(log: str, point: int) -> bool:
+    """Whether the trial's line for `point` (its pooled RMSE over all folds) is in the log."""
+    return re.search(rf"trial \S+ \| point {point}/{NUM_POINTS} \| .*\| cv_rmse_last ", log) is not None
+
+
 def test_a_lost_node_costs_the_points_since_the_checkpoint_not_the_trial(tmp_path, train_csv):
     head_args = ["--num-cpus=1", f"--resources={json.dumps({DRIVER_RESOURCE: 100})}"]
     # The head notices a dead node within a few seconds instead of half a minute.
@@ -98,12 +103,16 @@ def test_a_lost_node_costs_the_points_since_the_checkpoint_not_the_trial(tmp_pat
                 f"train.epochs={NUM_POINTS}", "run.checkpoint_every=2", "resources.custom_per_fold={fold_slot: 1}"]
         proc = start_raycv(args, tmp_path, log_path, env=env)
         try:
-            # Past the checkpoint at point 4, before the one at point 6: points 5 (and any later) are redone.
-            wait_for(lambda: "| point 5/8 | step" in log_path.read_text(), proc, log_path, 400, "point 5")
-            assert not list((run_dir / "ray").glob("train_*/point_0006")), "too late: point 6 is checkpointed"
+            # The node to lose is found while the trial trains its first points (a state API query takes
+            # seconds), so that the kill follows point 5's pooled result at once.
+            wait_for(lambda: pooled_result(log_path.read_text(), 1), proc, log_path, 400, "point 1")
             (lost,) = set(fold_worker_nodes(head))  # the three folds of a trial on one node
             lost_name = next(name for name, node_id in node_ids.items() if node_id == lost)
+            # Past the checkpoint at point 4 and point 5's pooled result (not only its first training steps:
+            # a kill then would leave no point to redo), before the checkpoint at point 6: point 5 is redone.
+            wait_for(lambda: pooled_result(log_path.read_text(), 5), proc, log_path, 400, "point 5")
             kill_group(node_a if lost_name == "node_a" else node_b)  # the node is gone
+            assert not list((run_dir / "ray").glob("train_*/point_0006")), "too late: point 6 is checkpointed"
             proc.wait(timeout=600)
         finally:
             kill_group(proc)
