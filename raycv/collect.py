@@ -24,6 +24,7 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from raycv import RaycvError, storage
+from raycv.config import fold_and_seed
 
 STATUSES = {
     "pending": "created, waiting for resources",
@@ -56,6 +57,9 @@ class TrialRecord:
     # cost counts the fold workers' start-up from it. None once the trial was interrupted (a resumed trial's time
     # is its fold workers' training time, from its curve)
     started_s: float | None = None
+    # the train.seed each of its search.seeds_per_trial seeds trained with (seed 0 is the trial's train.seed;
+    # config.seed_for); the trial's predictions are their mean
+    seeds: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -235,14 +239,22 @@ def _reachable(storage_path: str) -> bool:
 MEMORY_KILL = re.compile(r"memory used=([\d.]+)\s*GB.*?was running was ([\d.]+)\s*GB\s*/\s*([\d.]+)\s*GB", re.S)
 
 
-def describe_failure(error: BaseException | str) -> str:
+def describe_failure(error: BaseException | str, num_folds: int | None = None) -> str:
     """One line for a failed trial: which fold, what happened, and for a memory kill, how much the worker
-    held and what to change. `error` is Ray Train's WorkerGroupError (failures by rank = fold) or any
-    exception or message."""
+    held and what to change. `error` is Ray Train's WorkerGroupError (failures by world rank) or any
+    exception or message. Rank = fold, unless `num_folds` is given for a trial of several seeds per fold:
+    then rank r is fold r % num_folds under seed r // num_folds (config.fold_and_seed)."""
     failures = getattr(error, "worker_failures", None)
     if failures:
-        return "; ".join(f"fold {rank}: {_describe_one(exc)}" for rank, exc in sorted(failures.items()))
+        return "; ".join(f"{_worker(rank, num_folds)}: {_describe_one(exc)}" for rank, exc in sorted(failures.items()))
     return _describe_one(error)
+
+
+def _worker(rank: int, num_folds: int | None) -> str:
+    if num_folds is None:
+        return f"fold {rank}"
+    fold, seed_index = fold_and_seed(rank, num_folds)
+    return f"fold {fold} seed {seed_index}"
 
 
 def _describe_one(error: BaseException | str) -> str:

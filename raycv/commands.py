@@ -60,6 +60,7 @@ def validate(args) -> int:
         f"{plan.num_points} evaluation points per trial"
     )
     print(f"trials: {config.num_trials} (search.num_samples {config.search.num_samples} x grid points)")
+    print(trial_workers_line(config))
     if not args.no_model:
         model = build_model(config.model, seed=0)
         print(
@@ -68,6 +69,18 @@ def validate(args) -> int:
         )
     print("ok")
     return 0
+
+
+def trial_workers_line(config) -> str:
+    """What one trial holds: its Ray Train workers (a fold's under each of search.seeds_per_trial seeds) and
+    each worker's resources, e.g. "a trial: 6 workers = 3 folds x 2 seeds, each 0.5 CPU, 0 GPU"."""
+    res, seeds = config.resources, config.search.seeds_per_trial
+    gpus = res.gpus_per_fold if res.gpus_per_fold == "auto" else format(res.gpus_per_fold, "g")
+    each = [f"{res.cpus_per_fold:g} CPU", f"{gpus} GPU"]
+    each += [f"{amount:g} {name}" for name, amount in res.custom_per_fold.items()]
+    return (f"a trial: {config.workers_per_trial} workers = {config.data.num_folds} folds x {seeds} "
+            f"seed{'s' if seeds > 1 else ''}, each {', '.join(each)}"
+            + (" (resources.gpus_per_fold auto is resolved when the search starts)" if gpus == "auto" else ""))
 
 
 def spaces(args) -> int:

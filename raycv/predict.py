@@ -5,13 +5,16 @@
 As each trial ends among the best `run.keep_fold_models` finished ones, `export_fold_models` writes what
 prediction needs into the run directory, in a form that loads without pickles:
 
-    models/<trial>/fold_K.safetensors   the fine-tuned regressor of fold K at its last point (no optimiser)
+    models/<trial>/fold_K.safetensors   the fine-tuned regressor of fold K at its last point (no optimiser);
+                                        with search.seeds_per_trial > 1, fold_K_seedS.safetensors: every
+                                        fold's model under every seed
     models/<trial>/backbone.json        the backbone's transformers config (the architecture)
     models/<trial>/config.yaml          the trial's resolved config (pooling, max_length, column names)
     models/<trial>/tokenizer/           the fast tokenizer it was trained with
 
 `predict_texts` needs neither Ray nor a GPU (it uses one when present): every fold model of the chosen
-trials scores every row in length-sorted batches; a trial's prediction is its folds' average, and the row's
+trials scores every row in length-sorted batches; a trial's prediction is the average of all its models
+(num_folds of them, or num_folds x search.seeds_per_trial with several seeds), and the row's
 prediction the average of its trials' (best, top-k) or the report's stacked ensemble of them:
 intercept + sum(weight * trial's prediction), over the trials with a weight above 0 (`predict_run`).
 """
@@ -43,10 +46,17 @@ def models_dir(run_dir: Path, trial_id: str) -> Path:
     return Path(run_dir) / MODELS_DIR / trial_id
 
 
+def model_files(config: Config, suffix: str = ".safetensors") -> list[str]:
+    """The names of a trial's models: one per fold, and per seed with search.seeds_per_trial > 1."""
+    seeds = config.search.seeds_per_trial
+    return [storage.fold_state_name(fold, seed_index, seeds, suffix)
+            for seed_index in range(seeds) for fold in range(config.data.num_folds)]
+
+
 def export_fold_models(storage_path: str, run_dir: Path, trial_id: str, config: Config) -> Path:
-    """The trial's fold models at its last checkpoint (its last evaluation point) -> safetensors, with the
-    backbone's config, the trial's config and its tokenizer, under models/<trial>/ (written whole or not at
-    all)."""
+    """The trial's fold models (every fold's under every seed) at its last checkpoint (its last evaluation
+    point) -> safetensors, with the backbone's config, the trial's config and its tokenizer, under
+    models/<trial>/ (written whole or not at all)."""
     run = storage.train_run_name(trial_id)
     points = [name for name in storage.list_dirs(storage_path, run) if name.startswith(storage.CHECKPOINT_PREFIX)]
     if not points:
@@ -55,14 +65,13 @@ def export_fold_models(storage_path: str, run_dir: Path, trial_id: str, config: 
     staging = target.with_name(f".{trial_id}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    for fold in range(config.data.num_folds):
-        fold_state = f"{run}/{max(points)}/{storage.FOLD_STATE.format(fold)}"
+    for state_name, model_name in zip(model_files(config, ".pt"), model_files(config), strict=True):
+        fold_state = f"{run}/{max(points)}/{state_name}"
         data = storage.read_bytes(storage_path, fold_state)  # retried while a bucket's endpoint does not answer
         if data is None:
-            raise RaycvError(f"trial {trial_id} has no {storage.FOLD_STATE.format(fold)} in {storage_path}/"
-                             f"{run}/{max(points)} to export")
+            raise RaycvError(f"trial {trial_id} has no {state_name} in {storage_path}/{run}/{max(points)} to export")
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        save_file({name: t.contiguous() for name, t in state["model"].items()}, staging / f"fold_{fold}.safetensors")
+        save_file({name: t.contiguous() for name, t in state["model"].items()}, staging / model_name)
     (staging / "backbone.json").write_text(backbone_config(config.model).to_json_string())
     (staging / "config.yaml").write_text(dump_yaml(config))
     load_tokenizer(config.model).save_pretrained(staging / "tokenizer")
@@ -122,17 +131,19 @@ def predict_run(run_dir: Path, report: dict, which: str, data_path: str) -> tupl
     stacked = which == "stacked"
     submission = predict_texts(run_dir, list(weights), data_path, weights=weights if stacked else None,
                                intercept=intercept, keep_needed=keep)
+    models = sum(len(list(models_dir(run_dir, t).glob("fold_*.safetensors"))) for t in weights)
     how = (f"the stacked ensemble: intercept {intercept:.4f} + " + " + ".join(
         f"{w:.4f} x trial {t}" for t, w in weights.items()) + " (each trial the average of its fold models)"
-        if stacked else f"the average of the fold models of {', '.join(weights)}")
+        if stacked else f"the average of the {models} fold models of {', '.join(weights)}")
     return submission, how
 
 
 def predict_texts(run_dir: Path, trial_ids: list[str], data_path: str, batch_size: int = 32,
                   weights: dict[str, float] | None = None, intercept: float = 0.0,
                   keep_needed: int | None = None) -> pd.DataFrame:
-    """`id, target` for every row of the CSV at `data_path`: the average of every fold model of the trials, or
-    with `weights`, intercept + sum(weights[trial] * the average of the trial's fold models). keep_needed:
+    """`id, target` for every row of the CSV at `data_path`: the average of every fold model of the trials
+    (every fold's under every seed, with search.seeds_per_trial > 1), or with `weights`, intercept +
+    sum(weights[trial] * the average of the trial's fold models). keep_needed:
     the run.keep_fold_models a missing trial's models needed (for the message; default: one per trial)."""
     run_dir = Path(run_dir)
     missing = [t for t in trial_ids if not list(models_dir(run_dir, t).glob("fold_*.safetensors"))]
@@ -147,7 +158,7 @@ def predict_texts(run_dir: Path, trial_ids: list[str], data_path: str, batch_siz
         directory = models_dir(run_dir, trial_id)
         with reading(directory / "config.yaml"):
             configs[trial_id] = Config.model_validate(yaml.safe_load((directory / "config.yaml").read_bytes()))
-        folds = {f"fold_{k}.safetensors" for k in range(configs[trial_id].data.num_folds)}
+        folds = set(model_files(configs[trial_id]))
         found = {path.name for path in directory.glob("fold_*.safetensors")}
         if found != folds:
             raise RaycvError(f"{directory}: holds {', '.join(sorted(found))}, not the {len(folds)} fold models "

@@ -23,7 +23,7 @@ from typing_extensions import TypedDict
 from raycv import RaycvError
 from raycv.collect import STATUSES, RunState, load_run_state
 from raycv.config import Config
-from raycv.scoring import STACK_MIN_TRIALS, ensemble, rmse, score_ensemble, score_trial, stack
+from raycv.scoring import STACK_MIN_TRIALS, ensemble, rmse, score_ensemble, score_seeds, score_trial, stack
 from raycv.storage import RUN_FILES, run_curve_path, run_oof_path, write_atomic, write_text_atomic
 
 OPTIMISM_NOTE = (
@@ -103,6 +103,13 @@ def read_table(path: Path, columns: tuple[str, ...], rows: int = 1) -> pd.DataFr
 
 
 NO_SCORES = {f"{name}_{which}": None for name in ("cv_rmse", "fold_rmse") for which in ("last", "best")}
+NO_SEED_SCORES = {f"seed_rmse_{which}{end}": None for which in ("last", "best") for end in ("", "_range")}
+SEEDS_NOTE = (
+    "With search.seeds_per_trial K > 1 every fold of a trial trains under K seeds; a trial's predictions (and "
+    "cv_rmse_last, cv_rmse_best, the per-fold RMSEs, the ensembles and what ASHA ranked on) are the mean over "
+    "its seeds. seed_rmse_last / seed_rmse_best: each seed's own pooled RMSE; *_range: their spread, max - min. "
+    "seeds: the train.seed each seed trained with (seed 0 is the trial's train.seed)."
+)
 
 
 def build_report(loaded: dict) -> dict:
@@ -112,6 +119,8 @@ def build_report(loaded: dict) -> dict:
         row = {key: getattr(trial, key)
                for key in ("trial_id", "params", "status", "eval_points", "reason", "restarts", "points_redone")}
         row.update(score_trial(oofs[trial.trial_id]) if trial.trial_id in oofs else NO_SCORES)
+        row["seeds"] = trial.seeds
+        row.update(score_seeds(oofs[trial.trial_id]) if trial.trial_id in oofs else NO_SEED_SCORES)
         trials.append(row)
     trials.sort(key=lambda t: (t["cv_rmse_last"] is None, t["cv_rmse_last"] or 0.0))
     # Only trials that ran to the end compete: a stopped trial's early, optimistic point is no fair rival.
@@ -124,7 +133,8 @@ def build_report(loaded: dict) -> dict:
         "run": run.name, "state": run.state, "partial": run.state != "finished",
         "rows": int(len(loaded["folds"])), "num_folds": int(loaded["folds"]["fold"].nunique()),
         "num_points": run.num_points, "max_t": run.max_t, "scheduler": run.scheduler,
-        "searched": run.searched, "trials": trials, "best_trial": finished[0]["trial_id"] if finished else None,
+        "searched": run.searched, "seeds_per_trial": loaded["config"]["search"]["seeds_per_trial"],
+        "seeds_note": SEEDS_NOTE, "trials": trials, "best_trial": finished[0]["trial_id"] if finished else None,
         "top_k_ensemble": top_k, "stacked_ensemble": stacked_ensemble(finished, oofs),
         "seed_ensembles": seed_ensembles(finished, run.searched, oofs),
         "cost": run_cost(loaded, [t["trial_id"] for t in trials]),
@@ -161,7 +171,8 @@ def stacked_ensemble(finished: list[dict], oofs: dict) -> dict:
 # ---------------------------------------------------------------- what the run cost
 
 COST_NOTE = (
-    "Resources times wall time: each trial holds num_folds fold workers of resources.cpus_per_fold CPUs and "
+    "Resources times wall time: each trial holds num_folds x seeds_per_trial fold workers (search.seeds_per_trial; "
+    "one per fold and seed) of resources.cpus_per_fold CPUs and "
     "resources.gpus_per_fold GPUs for its wall time, from when the search started it (the fold workers' start-up "
     "included) to its last evaluation point. A trial that was interrupted and resumed, or whose start was not "
     "recorded, counts its fold workers' training time from its curve only (wall_s_source curve): start-up and "
@@ -208,7 +219,8 @@ def run_cost(loaded: dict, order: list[str]) -> dict:
     """Per trial (in `order`) and in total: wall time, worker-, CPU- and GPU-seconds, evaluation points; what
     ASHA saved; with run.gpu_hour_price, GPU time in money. Totals are the sums of the trials' rows."""
     config, max_t = loaded["config"], loaded["run"].max_t
-    folds, cpus = config["data"]["num_folds"], float(config["resources"]["cpus_per_fold"])
+    num_folds, seeds = config["data"]["num_folds"], config["search"]["seeds_per_trial"]
+    folds, cpus = num_folds * seeds, float(config["resources"]["cpus_per_fold"])  # a trial's workers
     gpus = config["resources"]["gpus_per_fold"]
     gpus = None if gpus == "auto" else float(gpus)  # auto is resolved before a run writes its config
     price = config["run"].get("gpu_hour_price")
@@ -244,7 +256,8 @@ def run_cost(loaded: dict, order: list[str]) -> dict:
         "worker_hours_saved": hours(per_point["worker_s"]), "gpu_hours_saved": hours(per_point["gpu_s"]),
     }
     asha["gpu_cost_saved"] = _product(asha["gpu_hours_saved"], price)
-    return {"resources": {"num_folds": folds, "cpus_per_fold": cpus, "gpus_per_fold": gpus, "max_t": max_t,
+    return {"resources": {"num_folds": num_folds, "seeds_per_trial": seeds, "workers_per_trial": folds,
+                          "cpus_per_fold": cpus, "gpus_per_fold": gpus, "max_t": max_t,
                           "gpu_hour_price": price},
             "trials": rows, "total": total, "asha_saved": asha, "note": COST_NOTE}
 
@@ -294,6 +307,12 @@ def trials_table(report: dict) -> pd.DataFrame:
         for which in ("last", "best"):
             for fold, value in enumerate(t["fold_rmse_" + which] or []):
                 row[f"fold_{fold}_rmse_{which}"] = value
+        if report["seeds_per_trial"] > 1:  # each seed's own pooled RMSE, and their spread (max - min)
+            row["seeds"] = " ".join(map(str, t["seeds"]))
+            for which in ("last", "best"):
+                for k, value in enumerate(t[f"seed_rmse_{which}"] or []):
+                    row[f"seed_{k}_rmse_{which}"] = value
+                row[f"seed_rmse_{which}_range"] = t[f"seed_rmse_{which}_range"]
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -361,6 +380,8 @@ def markdown(report: dict, plots: dict[str, str]) -> str:
                      f"(k = {top_k['k']}), whatever their searched values: " + _ensemble_line(top_k) + ".")
     else:
         lines.append("No finished trial to ensemble.")
+    if report["seeds_per_trial"] > 1:
+        lines += ["", "## Seeds per trial", ""] + seed_lines(report)
     lines += ["", "## Stacked ensemble", ""] + stacked_lines(report)
     lines += ["", "## Seed ensembles", ""]
     if report["seed_ensembles"]:
@@ -378,6 +399,26 @@ def markdown(report: dict, plots: dict[str, str]) -> str:
     lines += ["", f"Note: {report['note']}", "", "## Plots", ""]
     lines += [f"![{title}]({name})" for title, name in plots.items()]
     return "\n".join(lines) + "\n"
+
+
+def seed_lines(report: dict) -> list[str]:
+    """Per trial: the seed-mean's pooled RMSE, each seed's own and their spread (search.seeds_per_trial > 1)."""
+    k = report["seeds_per_trial"]
+    lines = [
+        f"Every fold of a trial trained under {k} seeds; a trial's predictions are the mean over its seeds, and "
+        "that seed-mean is what the leaderboard, the ensembles and ASHA rank. Spread: max - min of the seeds' own "
+        "pooled RMSEs.", "",
+        "| trial | seeds (train.seed) | seed-mean CV RMSE (last) | seed-mean CV RMSE (best) | per-seed CV RMSE (last) "
+        "| spread (last) | per-seed CV RMSE (best) | spread (best) |",
+        "|" + "---|" * 8,
+    ]
+    for t in report["trials"]:
+        per_seed = {which: " / ".join(f"{v:.4f}" for v in t[f"seed_rmse_{which}"]) if t[f"seed_rmse_{which}"] else "-"
+                    for which in ("last", "best")}
+        lines.append(f"| {t['trial_id']} | {', '.join(map(str, t['seeds'])) or '-'} | {_fmt(t['cv_rmse_last'])} | "
+                     f"{_fmt(t['cv_rmse_best'])} | {per_seed['last']} | {_fmt(t['seed_rmse_last_range'])} | "
+                     f"{per_seed['best']} | {_fmt(t['seed_rmse_best_range'])} |")
+    return lines
 
 
 def stacked_lines(report: dict) -> list[str]:
@@ -412,7 +453,9 @@ def cost_lines(cost: dict) -> list[str]:
     res, total, asha, price = cost["resources"], cost["total"], cost["asha_saved"], cost["resources"]["gpu_hour_price"]
     money, gpus = price is not None, res["gpus_per_fold"]
     lines = [
-        f"Each trial holds {res['num_folds']} fold workers of {res['cpus_per_fold']:g} CPU and "
+        f"Each trial holds {res['workers_per_trial']} fold workers"
+        + (f" ({res['num_folds']} folds x {res['seeds_per_trial']} seeds)" if res["seeds_per_trial"] > 1 else "")
+        + f" of {res['cpus_per_fold']:g} CPU and "
         f"{'auto' if gpus is None else format(gpus, 'g')} GPU"
         + (f"; a GPU-hour costs {price:g}." if money else "."), "",
         "| trial | status | wall time | worker-hours | GPU-hours | " + ("GPU cost | " if money else "")

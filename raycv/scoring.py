@@ -9,7 +9,9 @@ Two figures per prediction set, named the same everywhere (Tune's results, progr
 - `cv_rmse_best`: each fold at its own best evaluation point, chosen on the rows it is scored on, so
   optimistic.
 
-An OOF table has one row per training row: `id, fold, target, pred_best, pred_last`.
+An OOF table has one row per training row: `id, fold, target, pred_best, pred_last`. With
+search.seeds_per_trial K > 1, pred_best and pred_last are the mean over the trial's K seeds (what ASHA ranks)
+and each seed's own predictions follow as `pred_best_seed0, pred_last_seed0, ..., pred_last_seed{K-1}`.
 
 `stack` fits a stacked ensemble: non-negative weights (and a free intercept) over several trials' last-point
 predictions, scored honestly -- fold k's rows are predicted with weights fit on the other folds' rows only.
@@ -51,6 +53,39 @@ def oof_table(fold_rows: list[dict]) -> pd.DataFrame:
     """Each fold's validation rows ({"fold": k, "rows": {column: values}}) -> one OOF table, in fold order."""
     frames = [pd.DataFrame(part["rows"]) for part in sorted(fold_rows, key=lambda part: part["fold"])]
     return pd.concat(frames, ignore_index=True)
+
+
+def seed_mean_table(seed_tables: list[pd.DataFrame]) -> pd.DataFrame:
+    """One OOF table per seed of a trial (the same rows in the same order) -> the trial's: pred_best and
+    pred_last the mean over the seeds; with more than one seed, each seed's own columns after them."""
+    if len(seed_tables) == 1:
+        return seed_tables[0]
+    first = seed_tables[0]
+    assert all(table["id"].tolist() == first["id"].tolist() for table in seed_tables), "seeds' rows differ"
+    mean = first[["id", "fold", "target"]].copy()
+    for which in ("best", "last"):  # the columns in the order of a one-seed table
+        mean[f"pred_{which}"] = np.mean([table[f"pred_{which}"].to_numpy(dtype=float) for table in seed_tables], axis=0)
+    for k, table in enumerate(seed_tables):
+        for which in ("best", "last"):
+            mean[f"pred_{which}_seed{k}"] = table[f"pred_{which}"].to_numpy()
+    return mean
+
+
+def seed_columns(oof: pd.DataFrame, which: str) -> list[str]:
+    """The per-seed prediction columns of an OOF table, seed 0 first; [pred_{which}] with one seed."""
+    count = sum(column.startswith(f"pred_{which}_seed") for column in oof.columns)
+    return [f"pred_{which}_seed{k}" for k in range(count)] if count else [f"pred_{which}"]
+
+
+def score_seeds(oof: pd.DataFrame) -> dict:
+    """Each seed's own pooled RMSE (at the last point, and at each fold's best) and their range, max - min
+    (0 with one seed, whose own RMSE is the trial's)."""
+    scores = {}
+    for which in WHICH:
+        per_seed = [rmse(oof, column) for column in seed_columns(oof, which)]
+        scores[f"seed_rmse_{which}"] = per_seed
+        scores[f"seed_rmse_{which}_range"] = float(max(per_seed) - min(per_seed))
+    return scores
 
 
 def ensemble(oofs: list[pd.DataFrame]) -> pd.DataFrame:

@@ -7,7 +7,8 @@ Two places, one layout, named here once:
         oof/<trial>.csv curves/<trial>.csv report.json report.md trials.csv *.png
     <run.storage_path>/               Ray's storage (default <run.output_dir>/ray), local or a bucket
         tune/<trial>/                 Tune's own trial folder (result.json, TensorBoard events)
-        train_<trial>/point_NNNN/     the trial's Ray Train run: fold checkpoints fold_K.pt
+        train_<trial>/point_NNNN/     the trial's Ray Train run: fold checkpoints fold_K.pt (with
+                                      search.seeds_per_trial > 1: fold_K_seedS.pt, one per fold and seed)
         results/<trial>/oof.csv       rank 0's pooled predictions and curve, rewritten at every point
         results/<trial>/curve.csv
         results/<trial>/status.json   how the trial ended (diverged or failed: why, in one line)
@@ -40,6 +41,13 @@ T = TypeVar("T")
 RUN_FILES = ("run.json", "folds.csv", "baselines.json", "resolved_config.yaml")  # what a report needs
 FOLD_STATE = "fold_{}.pt"  # one fold's checkpoint inside a point_NNNN folder
 CHECKPOINT_PREFIX = "point_"
+
+
+def fold_state_name(fold: int, seed_index: int = 0, seeds_per_trial: int = 1, suffix: str = ".pt") -> str:
+    """One worker's file: fold_K.pt with one seed per trial (as ever); with several, fold_K_seedS.pt for
+    every seed, so no two workers of a trial write the same name. `suffix` .safetensors: its exported model."""
+    stem = f"fold_{fold}" if seeds_per_trial == 1 else f"fold_{fold}_seed{seed_index}"
+    return stem + suffix
 
 
 def train_run_name(trial_id: str) -> str:

@@ -3,7 +3,7 @@
     raycv tune search_spaces/base.yaml [--address auto] [--resume]
 
 Ray 2.60's Train-inside-Tune pattern: `train_driver_fn` is the Tune trial; it runs a `TorchTrainer`
-with one worker per fold (`worker.train_fn_per_worker`) and forwards rank 0's reports to Tune through
+with one worker per fold and seed (`worker.train_fn_per_worker`) and forwards rank 0's reports to Tune through
 `TuneReportCallback`. `TrialTracker`, a Tune callback, keeps run.json, each trial's files in the run
 directory and the report up to date as trials start and end, so a crash strands nothing; `--resume`
 continues an interrupted run with Tune's experiment restore. Named `sweep` so it is not confused with
@@ -68,7 +68,8 @@ REPORT_REFRESH_S = 30.0
 
 
 def train_driver_fn(params: dict, base_config: dict, encoded: EncodedFolds, num_points: int) -> None:
-    """One Tune trial: this hyperparameter set's `num_folds` fold workers in one TorchTrainer.
+    """One Tune trial: this hyperparameter set's `num_folds x search.seeds_per_trial` fold workers in one
+    TorchTrainer.
 
     A trial whose Train run resumes (Tune retried a lost driver, or `--resume`) continues from the fold
     checkpoints Ray Train keeps under the same run name. A fold failure that outlasts Train's own retries
@@ -105,7 +106,7 @@ def train_driver_fn(params: dict, base_config: dict, encoded: EncodedFolds, num_
                 "config": config.to_dict(), "encoded": encoded, "trial_id": trial_id,
                 "num_points": num_points, "checkpoint_every": config.run.checkpoint_every,
             },
-            scaling_config=ScalingConfig(num_workers=config.data.num_folds, use_gpu=gpus > 0,
+            scaling_config=ScalingConfig(num_workers=config.workers_per_trial, use_gpu=gpus > 0,
                                          resources_per_worker=per_fold),
             run_config=RunConfig(
                 name=storage.train_run_name(trial_id),
@@ -124,12 +125,12 @@ def train_driver_fn(params: dict, base_config: dict, encoded: EncodedFolds, num_
             make_trainer().fit()
             return
         except TrainingFailedError as exc:
-            reason = describe_failure(exc)
+            reason = describe_failure(exc, seeded_folds(config))
             if type(getattr(exc, "controller_failure", None)).__name__ == "WorkerGroupStartupTimeoutError":
                 wanted = ", ".join(f"{amount:g} {name}" for name, amount in per_fold.items())
-                reason = (f"waited {config.run.resource_wait_s:g} s (run.resource_wait_s) for {config.data.num_folds} "
-                          f"fold workers of {wanted} each, which the cluster never had free; free or add them, "
-                          "lower resources.*_per_fold, or raise run.resource_wait_s")
+                reason = (f"waited {config.run.resource_wait_s:g} s (run.resource_wait_s) for "
+                          f"{describe_workers(config)} of {wanted} each, which the cluster never had free; free or "
+                          "add them, lower resources.*_per_fold, or raise run.resource_wait_s")
             if attempt < STORAGE_OUTAGES_PER_TRIAL and storage.mentions_outage(str(exc)):
                 # The folds failed because the storage stopped answering (a checkpoint upload, most likely), not
                 # because of the trial: once it answers again the same Train run resumes from its last checkpoint.
@@ -140,6 +141,18 @@ def train_driver_fn(params: dict, base_config: dict, encoded: EncodedFolds, num_
             write_trial_status(config.run.storage_path, trial_id, "error", reason)
             print(f"trial {trial_id} | failed: {reason}", flush=True)
             return
+
+
+def seeded_folds(config: Config) -> int | None:
+    """num_folds where a trial trains several seeds (its world ranks are not its folds), else None."""
+    return config.data.num_folds if config.search.seeds_per_trial > 1 else None
+
+
+def describe_workers(config: Config) -> str:
+    """A trial's fold workers in words: "3 fold workers", or "6 fold workers (3 folds x 2 seeds)"."""
+    seeds = config.search.seeds_per_trial
+    return f"{config.workers_per_trial} fold workers" + (
+        f" ({config.data.num_folds} folds x {seeds} seeds)" if seeds > 1 else "")
 
 
 def to_param_space(config: Config) -> dict[str, Any]:
@@ -184,6 +197,8 @@ class TrialTracker(tune.Callback):
         state = load_run_state(self.run_dir)
         record = state.trial(trial.trial_id)
         record.params = dict(trial.config or {})
+        config = Config.model_validate(self.config).with_overrides(record.params)
+        record.seeds = config.trial_seeds
         if status:
             record.status = status
         if ended:
@@ -193,7 +208,7 @@ class TrialTracker(tune.Callback):
             elif storage.mentions_outage(str(error)):  # the storage's fault, not the trial's: --resume reruns it
                 record.status = "interrupted"
             elif record.status not in ("diverged", "error"):
-                record.status, record.reason = "error", describe_failure(error)
+                record.status, record.reason = "error", describe_failure(error, seeded_folds(config))
             if record.status in ENDED:
                 write_trial_status(self.storage_path, record.trial_id, record.status, record.reason)
         save_run_state(self.run_dir, state)
@@ -284,7 +299,11 @@ def run_sweep(config: Config, plan: Plan, address: str | None = None, resume: bo
     previous = check_run_directory(config, output_dir, resume, resume_command)
     started = start_ray(address)
     try:
-        gpus, concurrent = plan_resources(config, ray.cluster_resources(), joined=not started)
+        # A trial's workers are its folds times its seeds: what the cluster must hold for one trial at a time.
+        # (plan_resources counts num_folds workers per trial; here that is every fold's every seed.)
+        data = config.data.model_copy(update={"num_folds": config.workers_per_trial})
+        gpus, concurrent = plan_resources(config.model_copy(update={"data": data}), ray.cluster_resources(),
+                                          joined=not started)
         config.resources.gpus_per_fold = gpus
         if previous is None:
             write_run_files(config, plan, output_dir)
@@ -299,7 +318,9 @@ def run_sweep(config: Config, plan: Plan, address: str | None = None, resume: bo
         print(f"raycv tune {config.run.name}{' (resumed)' if previous else ''}: {len(table)} rows, "
               f"{config.data.num_folds} folds ({'/'.join(map(str, plan.valid_sizes))} validation rows), "
               f"{plan.num_points} evaluation points per trial, batch {config.train.batch_size}, "
-              f"{gpus:g} GPU + {config.resources.cpus_per_fold:g} CPU per fold, "
+              f"{gpus:g} GPU + {config.resources.cpus_per_fold:g} CPU per fold"
+              + (f" x {config.search.seeds_per_trial} seeds: {config.workers_per_trial} fold workers per trial"
+                 if config.search.seeds_per_trial > 1 else "") + ", "
               f"{f'up to {concurrent}' if concurrent else 'as many as the autoscaler can place'} trial(s) at a "
               f"time; output {output_dir}", flush=True)
         with forward_sigterm() as received:
@@ -459,6 +480,10 @@ def finish(config: Config, max_t: int, received: dict, resume_command: str) -> i
         row = next(t for t in report["trials"] if t["trial_id"] == report["best_trial"])
         print(f"best trial {row['trial_id']}: cv_rmse_last {row['cv_rmse_last']:.4f}, "
               f"cv_rmse_best {row['cv_rmse_best']:.4f}, params {row['params']}")
+        if len(row["seed_rmse_last"]) > 1:
+            print(f"best trial {row['trial_id']}'s {len(row['seeds'])} seeds ({', '.join(map(str, row['seeds']))}): "
+                  "cv_rmse_last " + " / ".join(f"{v:.4f}" for v in row["seed_rmse_last"])
+                  + f" each, spread (max - min) {row['seed_rmse_last_range']:.4f}; the scores above are their mean's")
     top_k = report["top_k_ensemble"]
     if top_k["trials"]:
         print(f"top-{len(top_k['trials'])} ensemble: cv_rmse_last {top_k['cv_rmse_last']:.4f}, "

@@ -1,13 +1,15 @@
-"""Ray Train worker: world rank k fine-tunes fold k with `train_fold`; the folds pool their predictions.
+"""Ray Train worker: world rank r fine-tunes one fold under one seed with `train_fold`; the workers pool.
 
-One `TorchTrainer` per trial runs `train_fn_per_worker` on `num_folds` workers. The workers share no
-gradients (the model is not wrapped in DDP); they only meet at evaluation points, where
-`all_gather_object` over the gloo process group Ray Train set up (on CPUs and GPUs alike) hands every fold's
-validation predictions to rank 0, which reports the pooled out-of-fold RMSE -- the number ASHA ranks on,
-since only rank 0's metrics reach Tune. Every worker reports at every point: reports are a barrier.
+One `TorchTrainer` per trial runs `train_fn_per_worker` on `num_folds x search.seeds_per_trial` workers:
+rank r trains fold r % num_folds under the trial's seed r // num_folds (`config.fold_and_seed`; with one seed
+per trial, rank = fold). The workers share no gradients (the model is not wrapped in DDP); they only meet at
+evaluation points, where `all_gather_object` over the gloo process group Ray Train set up (on CPUs and GPUs
+alike) hands every worker's validation predictions to rank 0, which averages each row over the seeds and
+reports the pooled out-of-fold RMSE of that seed-mean -- the number ASHA ranks on, since only rank 0's
+metrics reach Tune. Every worker reports at every point: reports are a barrier.
 
 At each evaluation point (`on_eval`): gather -> score -> write the trial's files -> print -> report.
-If any fold has diverged (a non-finite loss or prediction), every fold stops at that point, and rank 0
+If any worker has diverged (a non-finite loss or prediction), every worker stops at that point, and rank 0
 records why in the trial's status file instead of scoring predictions that are not numbers.
 """
 
@@ -29,10 +31,10 @@ import torch
 import torch.distributed as dist
 
 from raycv import progress, storage
-from raycv.config import Config
+from raycv.config import Config, fold_and_seed
 from raycv.data import EncodedFolds
 from raycv.metrics import FoldMetrics
-from raycv.scoring import oof_table, score_trial
+from raycv.scoring import oof_table, score_seeds, score_trial, seed_mean_table
 from raycv.train_fold import EvalPoint, FoldData, split_fold, train_fold
 
 log = logging.getLogger(__name__)
@@ -44,55 +46,64 @@ def train_fn_per_worker(loop_config: dict) -> None:
     quiet_train_report_logs()
     config = Config.model_validate(loop_config["config"])
     context = ray.train.get_context()
-    fold, num_folds = context.get_world_rank(), context.get_world_size()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    num_folds, seeds = config.data.num_folds, config.trial_seeds
+    assert world_size == num_folds * len(seeds), (world_size, num_folds, seeds)
+    fold, seed_index = fold_and_seed(rank, num_folds)
+    # train_fold takes its seed from the config: this worker's seed of the trial (seed 0 is train.seed itself)
+    fold_config = config.with_overrides({"train.seed": seeds[seed_index]}) if seed_index else config
+    seed = seed_index if len(seeds) > 1 else None  # named in lines and file names only with several seeds
+    state_name = storage.fold_state_name(fold, seed_index, len(seeds))
     encoded: EncodedFolds = loop_config["encoded"]
     data = split_fold(encoded, fold)
     trial_id, checkpoint_every = loop_config["trial_id"], loop_config["checkpoint_every"]
-    # The GPU Ray gave this fold (a whole one, or a share of one with resources.gpus_per_fold < 1).
+    # The GPU Ray gave this worker (a whole one, or a share of one with resources.gpus_per_fold < 1).
     device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    fold_metrics = FoldMetrics(config.run.name, trial_id, fold)
+    fold_metrics = FoldMetrics(config.run.name, trial_id, fold, seed)
     # Ray Train creates its RayTrainWorker actors without a name or a __repr__, so the dashboard's Actors page
     # cannot say which trial and fold an actor is: its log (Actors -> the actor -> Log) says so, first thing.
-    say(progress.worker_line(trial_id, fold, num_folds, os.getpid()))
-    state = restore_fold_state(fold)
-    curve = restore_curve(config.run.storage_path, trial_id, state) if fold == 0 else []
+    say(progress.worker_line(trial_id, fold, num_folds, os.getpid(), rank, world_size, seed))
+    state = restore_fold_state(state_name)
+    curve = restore_curve(config.run.storage_path, trial_id, state) if rank == 0 else []
 
     def on_eval(point: EvalPoint, snapshot) -> bool:
-        fold_rows = gather_folds(point, data, num_folds)
+        parts = gather_folds(point, data, world_size, seed_index)
         fold_metrics.record_fold(point.val_rmse, point.samples_per_s, point.index, device, point.rss_mb)
-        say(progress.fold_line(point, trial_id))  # every fold's own line, in its own log
+        say(progress.fold_line(point, trial_id, seed))  # every worker's own line, in its own log
         metrics = {"eval_point": point.index, "train_loss": point.train_loss, "step": point.step,
                    "epoch": point.epoch,
                    # the largest fold worker's memory now and at its peak: how memory moves over a run
-                   "max_fold_rss_mb": max(part["rss_mb"] for part in fold_rows),
-                   "max_fold_peak_rss_mb": max(part["peak_rss_mb"] for part in fold_rows),
+                   "max_fold_rss_mb": max(part["rss_mb"] for part in parts),
+                   "max_fold_peak_rss_mb": max(part["peak_rss_mb"] for part in parts),
                    # rank 0's training + evaluation time so far, without its time in on_eval, and the
                    # wall clock: what `raycv bench` splits a trial's wall time with
                    "fold_busy_s": point.elapsed_s - point.callbacks_s, "fold_callbacks_s": point.callbacks_s,
                    "reported_at": time.time()}
-        diverged = [part["diverged"] for part in fold_rows if part["diverged"]]
-        if diverged:  # every fold stops here; nothing to score or to checkpoint
-            if fold == 0:
+        diverged = [(f"seed {part['seed_index']}: " if len(seeds) > 1 else "") + part["diverged"]
+                    for part in parts if part["diverged"]]
+        if diverged:  # every worker stops here; nothing to score or to checkpoint
+            if rank == 0:
                 reason = "; ".join(diverged)
                 write_trial_status(config.run.storage_path, trial_id, "diverged", reason)
                 say(progress.diverged_line(trial_id, point, reason))
-            report({"cv_rmse": float("nan"), "diverged": 1.0, **metrics}, point.index, None, fold)
+            report({"cv_rmse": float("nan"), "diverged": 1.0, **metrics}, point.index, None, state_name)
             return True
-        if fold == 0:
-            oof = oof_table(fold_rows)
-            scores = score_trial(oof)
+        if rank == 0:
+            oof = seed_mean_table([oof_table([part for part in parts if part["seed_index"] == k])
+                                   for k in range(len(seeds))])
+            scores = {**score_trial(oof), **(score_seeds(oof) if len(seeds) > 1 else {})}
             metrics = {**tune_metrics(scores), **metrics}
             fold_metrics.record_pooled(scores["cv_rmse_last"], scores["cv_rmse_best"])
             curve.append({key: value for key, value in metrics.items() if key != "cv_rmse"})
             write_trial_files(config.run.storage_path, trial_id, oof, curve)
             say(progress.trial_line(trial_id, point, scores))
         keep = point.index == point.num_points or point.index % checkpoint_every == 0
-        report(metrics, point.index, snapshot if keep else None, fold)
+        report(metrics, point.index, snapshot if keep else None, state_name)
         return False
 
-    train_fold(config, data, device=device, num_points=loop_config["num_points"], on_eval=on_eval, state=state)
+    train_fold(fold_config, data, device=device, num_points=loop_config["num_points"], on_eval=on_eval, state=state)
 
 
 def say(line: str) -> None:
@@ -106,23 +117,29 @@ def say(line: str) -> None:
 # ---------------------------------------------------------------- the steps of an evaluation point
 
 
-def gather_folds(point: EvalPoint, data: FoldData, num_folds: int) -> list[dict]:
-    """Every fold's validation predictions at this point, on every rank (a collective: all folds call it)."""
+def gather_folds(point: EvalPoint, data: FoldData, world_size: int, seed_index: int) -> list[dict]:
+    """Every worker's validation predictions at this point (one per fold and seed), on every rank (a
+    collective: all workers call it)."""
     rows = {"id": data.valid_ids, "fold": data.fold, "target": data.valid_targets.tolist(),
             "pred_best": point.best_preds.tolist(), "pred_last": point.preds.tolist()}
-    gathered: list = [None] * num_folds
-    dist.all_gather_object(gathered, {"fold": data.fold, "rows": rows, "diverged": point.diverged,
-                                      "rss_mb": point.rss_mb, "peak_rss_mb": point.peak_rss_mb})
+    gathered: list = [None] * world_size
+    dist.all_gather_object(gathered, {"fold": data.fold, "seed_index": seed_index, "rows": rows,
+                                      "diverged": point.diverged, "rss_mb": point.rss_mb,
+                                      "peak_rss_mb": point.peak_rss_mb})
     return gathered
 
 
 def tune_metrics(scores: dict) -> dict:
-    """What rank 0 reports to Tune. `cv_rmse` is Tune's ranking metric: the last-point pooled RMSE, first
-    so that Tune's live table shows it."""
+    """What rank 0 reports to Tune. `cv_rmse` is Tune's ranking metric: the last-point pooled RMSE (of the
+    seed-mean, with several seeds), first so that Tune's live table shows it. With several seeds, each
+    seed's own pooled RMSE too (seed_K_cv_rmse_last, seed_K_cv_rmse_best)."""
     metrics = {"cv_rmse": scores["cv_rmse_last"], "cv_rmse_last": scores["cv_rmse_last"],
                "cv_rmse_best": scores["cv_rmse_best"]}
     for which in ("last", "best"):
         metrics.update({f"fold_{k}_rmse_{which}": value for k, value in enumerate(scores[f"fold_rmse_{which}"])})
+    for which in ("last", "best"):
+        metrics.update({f"seed_{k}_cv_rmse_{which}": value
+                        for k, value in enumerate(scores.get(f"seed_rmse_{which}", []))})
     return metrics
 
 
@@ -140,8 +157,9 @@ def write_trial_status(storage_path: str, trial_id: str, status: str, reason: st
     storage.write_text(storage_path, storage.trial_files(trial_id)["status"], text)
 
 
-def report(metrics: dict, eval_point: int, snapshot, fold: int) -> None:
-    """`ray.train.report`, with this fold's checkpoint when `snapshot` is given (every worker, same point).
+def report(metrics: dict, eval_point: int, snapshot, state_name: str) -> None:
+    """`ray.train.report`, with this worker's checkpoint (`state_name`: its fold and seed) when `snapshot` is
+    given (every worker, same point).
 
     The fold's state is saved here, before training goes on; Ray Train copies it into the run's storage in a
     background thread (`CheckpointUploadMode.ASYNC`) and deletes the local copy, so the fold trains on while
@@ -151,8 +169,9 @@ def report(metrics: dict, eval_point: int, snapshot, fold: int) -> None:
     if snapshot is None:
         ray.train.report(metrics)
         return
-    directory = tempfile.mkdtemp(prefix=f"raycv-fold{fold}-")  # Ray Train deletes it after the upload
-    torch.save(snapshot(), Path(directory) / storage.FOLD_STATE.format(fold))
+    prefix = f"raycv-{state_name.removesuffix('.pt').replace('_', '')}-"
+    directory = tempfile.mkdtemp(prefix=prefix)  # Ray Train deletes it after the upload
+    torch.save(snapshot(), Path(directory) / state_name)
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                      checkpoint_dir_name=storage.checkpoint_dir_name(eval_point),
                      checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
@@ -161,18 +180,19 @@ def report(metrics: dict, eval_point: int, snapshot, fold: int) -> None:
 # ---------------------------------------------------------------- resuming a restarted worker group
 
 
-def restore_fold_state(fold: int) -> dict | None:
-    """This fold's state from the trial's latest checkpoint, if Ray Train restarted the worker group."""
+def restore_fold_state(state_name: str) -> dict | None:
+    """This worker's state (its file `state_name`, named by fold and seed) from the trial's latest checkpoint,
+    if Ray Train restarted the worker group."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as directory:
-        state_path = Path(directory) / storage.FOLD_STATE.format(fold)
+        state_path = Path(directory) / state_name
         if not state_path.exists():
             return None
         # weights_only: the storage may be a shared bucket; a fold state is tensors and plain types.
         state = torch.load(state_path, map_location="cpu", weights_only=True)
-    log.info("fold %d resumes at step %d", fold, state["step"])
+    log.info("%s resumes at step %d", state_name, state["step"])
     return state
 
 
