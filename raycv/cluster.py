@@ -149,17 +149,17 @@ def plan_resources(config: Config, cluster: dict[str, float], joined: bool) -> t
     means 1 (a CPU-only cluster sets resources.gpus_per_fold=0):
     Tune queues the trials and their placement groups make the autoscaler add GPU nodes up to its limit,
     within run.max_concurrent_trials. On a fixed machine (a local Ray), as many trials as fit now."""
-    folds, resources = config.data.num_folds, config.resources
+    workers, resources = config.workers_per_trial, config.resources  # every fold under every seed
     autoscaling = joined and bool(cluster.get(DRIVER_RESOURCE))  # its GPU nodes may all be down right now
     gpus = resources.gpus_per_fold
     gpus = (1.0 if cluster.get("GPU", 0) > 0 or autoscaling else 0.0) if gpus == "auto" else float(gpus)
-    need = {"CPU": folds * resources.cpus_per_fold + TRIAL_DRIVER_CPU, "GPU": folds * gpus,
-            **{name: folds * amount for name, amount in resources.custom_per_fold.items()}}
+    need = {"CPU": workers * resources.cpus_per_fold + TRIAL_DRIVER_CPU, "GPU": workers * gpus,
+            **{name: workers * amount for name, amount in resources.custom_per_fold.items()}}
     short = [f"{amount:g} {name}, the cluster has {cluster.get(name, 0):g}"
              for name, amount in need.items() if amount > cluster.get(name, 0)]
     if short and not joined:
         raise RaycvError(
-            f"one trial ({folds} folds x resources.*_per_fold, + {TRIAL_DRIVER_CPU} CPU for its driver) needs "
+            f"one trial ({fold_workers(config)} x resources.*_per_fold, + {TRIAL_DRIVER_CPU} CPU for its driver) needs "
             f"{'; and '.join(short)}; lower resources.cpus_per_fold / gpus_per_fold or join a cluster with --address"
         )
     if short:
@@ -168,6 +168,14 @@ def plan_resources(config: Config, cluster: dict[str, float], joined: bool) -> t
         return gpus, config.run.max_concurrent_trials
     fits = [math.floor(cluster.get(name, 0) / amount) for name, amount in need.items() if amount > 0]
     return gpus, config.run.max_concurrent_trials or max(1, min(fits))
+
+
+def fold_workers(config: Config) -> str:
+    """A trial's fold workers in words: "3 folds", or "6 workers (3 folds x 2 seeds)"."""
+    seeds = config.search.seeds_per_trial
+    if seeds == 1:
+        return f"{config.data.num_folds} folds"
+    return f"{config.workers_per_trial} workers ({config.data.num_folds} folds x {seeds} seeds)"
 
 
 def trial_driver_resources(cluster: dict[str, float]) -> dict[str, float]:

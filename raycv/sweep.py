@@ -299,11 +299,7 @@ def run_sweep(config: Config, plan: Plan, address: str | None = None, resume: bo
     previous = check_run_directory(config, output_dir, resume, resume_command)
     started = start_ray(address)
     try:
-        # A trial's workers are its folds times its seeds: what the cluster must hold for one trial at a time.
-        # (plan_resources counts num_folds workers per trial; here that is every fold's every seed.)
-        data = config.data.model_copy(update={"num_folds": config.workers_per_trial})
-        gpus, concurrent = plan_resources(config.model_copy(update={"data": data}), ray.cluster_resources(),
-                                          joined=not started)
+        gpus, concurrent = plan_resources(config, ray.cluster_resources(), joined=not started)
         config.resources.gpus_per_fold = gpus
         if previous is None:
             write_run_files(config, plan, output_dir)

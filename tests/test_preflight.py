@@ -176,6 +176,12 @@ def test_concurrency_follows_what_the_cluster_can_grow_to(tiny_space):
     assert plan_resources(shared, {"CPU": 16, "GPU": 1}, joined=False) == (0.2, 1)  # 3 x 0.2 of one GPU
     with pytest.raises(RaycvError, match="needs 3 GPU, the cluster has 0"):
         plan_resources(capped, {"CPU": 8}, joined=False)
+    # Two seeds per trial: every fold's every seed is a worker (6 x 0.5 CPU + 0.25 for the driver).
+    seeds = load_config(tiny_space({"search": {"seeds_per_trial": 2}}))
+    assert plan_resources(seeds, {"CPU": 8}, joined=False) == (0.0, 2)
+    with pytest.raises(RaycvError, match=r"one trial \(6 workers \(3 folds x 2 seeds\) x resources.\*_per_fold, "
+                                         r"\+ 0.25 CPU for its driver\) needs 3.25 CPU, the cluster has 2"):
+        plan_resources(seeds, {"CPU": 2}, joined=False)
 
 
 def test_a_gpu_share_above_one_is_refused(tiny_space, capsys):
