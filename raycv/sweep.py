@@ -29,7 +29,7 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2.api.exceptions import TrainingFailedError
 from ray.tune.integration.ray_train import TuneReportCallback
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import FIFOScheduler
 
 from raycv import RaycvError, storage
 from raycv.cluster import plan_resources, start_ray, trial_driver_resources
@@ -52,6 +52,7 @@ from raycv.data import EncodedFolds
 from raycv.predict import drop_fold_models, export_fold_models, models_dir
 from raycv.preflight import Plan
 from raycv.report import write_report
+from raycv.scheduler import ResumableASHA
 from raycv.scoring import compute_baselines
 from raycv.tracking import attach_report, search_algorithm, tracking_callbacks
 from raycv.worker import train_fn_per_worker, write_trial_status
@@ -428,8 +429,9 @@ def fit(config: Config, plan: Plan, concurrent: int | None, resume: bool) -> Non
                            param_space=to_param_space(config)).fit()
         return
     if config.scheduler.type == "asha":
-        scheduler = ASHAScheduler(
-            time_attr="eval_point", max_t=plan.max_t, grace_period=config.scheduler.grace_period,
+        scheduler = ResumableASHA(
+            config.run.storage_path, time_attr="eval_point", max_t=plan.max_t,
+            grace_period=config.scheduler.grace_period,
             reduction_factor=config.scheduler.reduction_factor,
         )
     else:

@@ -19,7 +19,7 @@ LAYERS = [
     {"storage", "scoring", "progress", "metrics", "config"},
     {"spaces", "config_reference", "data", "model", "collect"},
     {"train_fold", "report"},
-    {"worker", "preflight", "cluster", "predict", "tracking"},
+    {"worker", "preflight", "cluster", "predict", "tracking", "scheduler"},
     {"sweep"},
     {"bench"},
     {"commands"},
