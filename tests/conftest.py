@@ -20,9 +20,12 @@ import yaml
 
 from helpers import (
     LAYOUT_PREFIXES,
+    S3_BUCKET,
     TINY_SPACE,
     TINY_STRUCTBERT_CONFIG,
+    Proxy,
     alicemind_state,
+    free_port,
     merge,
     ray_head,
     run_raycv,
@@ -122,6 +125,34 @@ def smoke_run(tmp_path_factory, train_csv):
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
     return {"proc": proc, "cwd": cwd, "run_dir": run_dir, "report": json.loads((run_dir / "report.json").read_text()),
             "other_ray": other["address"]}
+
+
+# ---------------------------------------------------------------- S3 on loopback
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A real S3 API on loopback: moto's server (in this process) with the bucket S3_BUCKET, behind a Proxy
+    the test can close (an endpoint gone away) and reopen on the same port; the environment points pyarrow
+    (raycv, Ray) and boto3 at the proxy; `client` talks to moto directly, so it works during an outage."""
+    boto3 = pytest.importorskip("boto3")
+    moto_server = pytest.importorskip("moto.server")
+    moto_port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
+    server.start()
+    proxy = Proxy(moto_port)
+    proxy.open()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        patch.delenv("AWS_PROFILE", raising=False)
+        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{moto_port}")
+        client.create_bucket(Bucket=S3_BUCKET)
+        yield {"client": client, "proxy": proxy, "env": env}
+    proxy.close()
+    server.stop()
 
 
 # ---------------------------------------------------------------- loud skips

@@ -18,11 +18,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import requests
 import torch
@@ -224,14 +226,35 @@ def ray_head(home: Path, extra_args: list[str] = (), extra_env: dict | None = No
         yield {"ports": ports, "token": token, "token_path": token_path, "env": env,
                "address": f"127.0.0.1:{ports['gcs']}", "dashboard": dashboard, "temp_dir": temp_dir}
     finally:
-        # SIGTERM to `ray start --block` alone: it stops the processes it started, one by one, gracefully
-        # (~8 s for an idle head; the same signal to the whole group left it waiting 60 s on its dying
-        # children). A head that ran jobs takes longer: after 10 s the group is killed, which ends the rest.
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
-        kill_group(proc)  # what is left: the group is the head's own
+        end_cluster(proc, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def cluster_processes(temp_dir: Path) -> list[psutil.Process]:
+    """The processes of the Ray cluster whose temp dir is `temp_dir` (a cluster the test started with a temp
+    dir of its own): Ray's own processes name their session directory, under it, on their command line; its
+    workers (retitled `ray::...`) and agents are their children."""
+    found: dict[int, psutil.Process] = {}
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if any(str(temp_dir) in arg for arg in process.cmdline()):
+                found.update({p.pid: p for p in [process, *process.children(recursive=True)]})
+    return list(found.values())
+
+
+def end_cluster(proc: subprocess.Popen, temp_dir: Path, grace_s: float = 15) -> None:
+    """End a Ray cluster the test started (`ray start ... --block` leading a process group of its own):
+    SIGKILL to the group (its GCS, raylet, dashboard, agents: nothing there needs a clean shutdown, the
+    temp dir is the test's), then the cluster's Ray workers, which have process groups of their own and
+    exit once their raylet is gone, are waited for (SIGKILL past `grace_s`). About a second, where a
+    graceful `ray stop` of the same head takes eight and more once it has run jobs."""
+    kill_group(proc)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=30)
+    _, alive = psutil.wait_procs(cluster_processes(temp_dir), timeout=grace_s)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
 
 
 def _dashboard_answers(url: str, token: str) -> bool:
@@ -256,3 +279,87 @@ def list_actors(dashboard_url: str, class_name: str, env: dict | None = None) ->
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- S3 on loopback (moto), behind a proxy
+
+S3_BUCKET = "raycv-test-runs"
+
+
+class Proxy:
+    """A TCP proxy on a fixed loopback port in front of moto: `close()` refuses new connections and cuts open
+    ones (an endpoint gone away); `open()` serves again on the same port, the data intact behind it."""
+
+    def __init__(self, target_port: int):
+        self.target_port, self.port = target_port, free_port()
+        self.listener: socket.socket | None = None
+        self.connections: set[socket.socket] = set()
+        self.lock = threading.Lock()
+
+    def open(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self.listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def close(self) -> None:
+        listener, self.listener = self.listener, None
+        if listener:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        with self.lock:
+            for conn in self.connections:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+                conn.close()
+            self.connections.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # closed
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                if self.listener is not listener:  # closed meanwhile
+                    client.close(), upstream.close()
+                    return
+                self.connections |= {client, upstream}
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+def bucket_objects(client, prefix: str) -> dict[str, dict]:
+    """Key -> {ETag, LastModified, Size} of every object under `prefix` in the test bucket."""
+    found = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=S3_BUCKET, Prefix=prefix):
+        for item in page.get("Contents", []):
+            found[item["Key"]] = {k: item[k] for k in ("ETag", "LastModified", "Size")}
+    return found
+
+
+def bucket_text(client, key: str) -> str | None:
+    """The object `key` of the test bucket as text, or None where there is none (yet)."""
+    try:
+        return client.get_object(Bucket=S3_BUCKET, Key=key)["Body"].read().decode()
+    except client.exceptions.NoSuchKey:
+        return None
