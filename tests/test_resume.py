@@ -17,6 +17,7 @@ test ends itself, under a hard time limit.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -67,12 +68,21 @@ def checkpoints(client, trial_id: str) -> set[int]:
     return {point for point in registered if files.get(point, 0) >= NUM_FOLDS}
 
 
-def trial_past_second_checkpoint(client, run_dir: Path, exclude: set[str]):
-    """A running trial (not in `exclude`) that has reported point 3 and has a checkpoint at point 2 or later."""
+def rung_value(client, trial_id: str) -> float:
+    """The trial's pooled RMSE at point 2, smoke.yaml's only ASHA rung below max_t."""
+    return float(pd.read_csv(io.StringIO(bucket_text(client, f"{PREFIX}/results/{trial_id}/curve.csv")))
+                 ["cv_rmse_last"].iloc[1])
+
+
+def trial_past_second_checkpoint(client, run_dir: Path, exclude: set[str], as_good_as: str | None = None):
+    """A running trial (not in `exclude`) that has reported point 3 and has a checkpoint at point 2 or later;
+    with `as_good_as`, one within 10% of that trial at the rung, which ASHA lets train on (a trial ASHA stops
+    there may still report point 3: the stop reaches its workers a result late)."""
     for trial in run_state(run_dir)["trials"]:
         trial_id = trial["trial_id"]
         if trial["status"] == "running" and trial_id not in exclude and curve_rows(client, trial_id) >= 3 \
-                and max(checkpoints(client, trial_id), default=0) >= 2:
+                and max(checkpoints(client, trial_id), default=0) >= 2 \
+                and (as_good_as is None or rung_value(client, trial_id) <= 1.1 * rung_value(client, as_good_as)):
             return trial_id
     return None
 
@@ -132,11 +142,12 @@ def interrupted_run(s3, tmp_path_factory, train_csv):
     # A second run without --resume is refused with the command that continues it.
     seen["refused"] = run_raycv(args, cwd=cwd, timeout=300)
 
-    # 2. --resume; SIGKILL once another trial is past its second checkpoint and some trial has ended.
+    # 2. --resume; SIGKILL once another trial that trains on is past its second checkpoint and some trial
+    # has ended.
     log_path = cwd / "2_killed.log"
     proc = start_raycv([*args, "--resume"], cwd, log_path)
     try:
-        second = wait_for(lambda: trial_past_second_checkpoint(client, run_dir, {first}) if any(
+        second = wait_for(lambda: trial_past_second_checkpoint(client, run_dir, {first}, first) if any(
             t["status"] in ENDED for t in run_state(run_dir)["trials"]) else None,
             proc, log_path, 600, "second trial past its second checkpoint")
         started = process_tree(proc.pid)
