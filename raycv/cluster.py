@@ -159,8 +159,9 @@ def plan_resources(config: Config, cluster: dict[str, float], joined: bool) -> t
              for name, amount in need.items() if amount > cluster.get(name, 0)]
     if short and not joined:
         raise RaycvError(
-            f"one trial ({fold_workers(config)} x resources.*_per_fold, + {TRIAL_DRIVER_CPU} CPU for its driver) needs "
-            f"{'; and '.join(short)}; lower resources.cpus_per_fold / gpus_per_fold or join a cluster with --address"
+            f"one trial ({describe_workers(config)} x resources.*_per_fold, + {TRIAL_DRIVER_CPU} CPU for its driver) "
+            f"needs {'; and '.join(short)}; lower resources.cpus_per_fold / gpus_per_fold or join a cluster with "
+            "--address"
         )
     if short:
         print(f"waiting for the autoscaler: one trial needs {'; '.join(short)}", flush=True)
@@ -170,12 +171,11 @@ def plan_resources(config: Config, cluster: dict[str, float], joined: bool) -> t
     return gpus, config.run.max_concurrent_trials or max(1, min(fits))
 
 
-def fold_workers(config: Config) -> str:
-    """A trial's fold workers in words: "3 folds", or "6 workers (3 folds x 2 seeds)"."""
+def describe_workers(config: Config) -> str:
+    """A trial's fold workers in words: "3 fold workers", or "6 fold workers (3 folds x 2 seeds)"."""
     seeds = config.search.seeds_per_trial
-    if seeds == 1:
-        return f"{config.data.num_folds} folds"
-    return f"{config.workers_per_trial} workers ({config.data.num_folds} folds x {seeds} seeds)"
+    return f"{config.workers_per_trial} fold workers" + (
+        f" ({config.data.num_folds} folds x {seeds} seeds)" if seeds > 1 else "")
 
 
 def trial_driver_resources(cluster: dict[str, float]) -> dict[str, float]:

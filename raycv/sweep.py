@@ -32,7 +32,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import FIFOScheduler
 
 from raycv import RaycvError, storage
-from raycv.cluster import plan_resources, start_ray, trial_driver_resources
+from raycv.cluster import describe_workers, plan_resources, start_ray, trial_driver_resources
 from raycv.collect import (
     ENDED,
     STATUSES,
@@ -147,13 +147,6 @@ def train_driver_fn(params: dict, base_config: dict, encoded: EncodedFolds, num_
 def seeded_folds(config: Config) -> int | None:
     """num_folds where a trial trains several seeds (its world ranks are not its folds), else None."""
     return config.data.num_folds if config.search.seeds_per_trial > 1 else None
-
-
-def describe_workers(config: Config) -> str:
-    """A trial's fold workers in words: "3 fold workers", or "6 fold workers (3 folds x 2 seeds)"."""
-    seeds = config.search.seeds_per_trial
-    return f"{config.workers_per_trial} fold workers" + (
-        f" ({config.data.num_folds} folds x {seeds} seeds)" if seeds > 1 else "")
 
 
 def to_param_space(config: Config) -> dict[str, Any]:

@@ -179,7 +179,7 @@ def test_concurrency_follows_what_the_cluster_can_grow_to(tiny_space):
     # Two seeds per trial: every fold's every seed is a worker (6 x 0.5 CPU + 0.25 for the driver).
     seeds = load_config(tiny_space({"search": {"seeds_per_trial": 2}}))
     assert plan_resources(seeds, {"CPU": 8}, joined=False) == (0.0, 2)
-    with pytest.raises(RaycvError, match=r"one trial \(6 workers \(3 folds x 2 seeds\) x resources.\*_per_fold, "
+    with pytest.raises(RaycvError, match=r"one trial \(6 fold workers \(3 folds x 2 seeds\) x resources.\*_per_fold, "
                                          r"\+ 0.25 CPU for its driver\) needs 3.25 CPU, the cluster has 2"):
         plan_resources(seeds, {"CPU": 2}, joined=False)
 
