@@ -257,6 +257,17 @@ def test_readmes_cluster_commands_name_real_configs_and_ray_subcommands():
         assert "search_spaces/base.yaml" not in shlex.join(command) or (SPACES_DIR / "base.yaml").is_file()
 
 
+def test_readmes_cluster_commands_are_ones_test_ray_up_runs():
+    """README's cluster steps name cluster.yaml (AWS, which no test here can rent). Each is, with the config's
+    name, the nodes' home and the storage as cluster-onprem.yaml has them, a command of that file's header,
+    which tests/test_ray_up.py runs as written against real SSH nodes."""
+    onprem = [shlex.split(c, comments=True) for c in header_commands((REPO_DIR / "cluster-onprem.yaml").read_text())]
+    for command in (c for c in README_COMMANDS if c[0] == "ray"):
+        as_onprem = [word.replace("cluster.yaml", "cluster-onprem.yaml").replace("/home/ubuntu", "/home/YOUR-USER")
+                     .replace("s3://YOUR-BUCKET/raycv", "/mnt/shared/raycv") for word in command]
+        assert as_onprem in onprem, f"README's {shlex.join(command)} is not in cluster-onprem.yaml's header"
+
+
 @pytest.mark.parametrize("command", by_kind("run"), ids=shlex.join)
 def test_a_readme_command_on_the_smoke_run_runs(command, smoke_run, placeholders, tmp_path, monkeypatch, capsys):
     """raycv report / predict on a copy of the session's smoke run (runs/smoke, as README names it)."""
