@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -195,6 +196,14 @@ def check_output_paths(config: Config) -> list[str]:
             problems.append(f"{key}: {path} is a file, not a directory; choose another with {key}=DIR")
             continue
         existing = next(p for p in [path, *path.parents] if p.exists())
-        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-            problems.append(f"{key}: cannot write under {existing}; choose a writable place with {key}=DIR")
+        reason = None if existing.is_dir() else "not a directory"
+        if reason is None:
+            # Tried, not judged from permission bits: root passes os.access everywhere, yet cannot create a
+            # directory in /proc, on a read-only mount or a full disk. The probe is removed at once.
+            try:
+                os.rmdir(tempfile.mkdtemp(prefix=".raycv-probe-", dir=existing))
+            except OSError as error:
+                reason = error.strerror or type(error).__name__
+        if reason:
+            problems.append(f"{key}: cannot write under {existing} ({reason}); choose a writable place with {key}=DIR")
     return problems

@@ -78,6 +78,8 @@ CASES = {
         "scheduler.max_t: 50 is more than the 6 evaluation points of a trial"),
     "an output directory that is a file": (
         lambda f: [f"run.output_dir={f['a_file']}"], "run.output_dir: " ),
+    "an output directory where nothing can be created, even by root": (
+        lambda f: ["run.output_dir=/proc/raycv-run"], "run.output_dir: cannot write under /proc ("),
     "a model directory that does not exist": (
         lambda f: ["model.backbone={type: pretrained, path: no-such-org/no-such-model}"],
         "model.backbone.path: directory not found"),
