@@ -11,3 +11,10 @@ __version__ = "0.1.0"
 
 class RaycvError(Exception):
     """A problem with the user's input. The CLI prints it as one line and exits with status 2."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first non-empty line, for a one-line error; its type's name where
+    the message is empty (an empty file makes torch and others raise with no text)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__

@@ -15,7 +15,7 @@ import socket
 import stat
 from pathlib import Path
 
-from raycv import RaycvError
+from raycv import RaycvError, first_line
 from raycv.config import Config
 
 TRIAL_DRIVER_CPU = 0.25  # the Tune trial's own actor; the fold workers reserve their own resources
@@ -68,7 +68,7 @@ def start_ray(address: str | None) -> bool:
         context = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
                            runtime_env=_job_env(f"127.0.0.1:{port}", LOCAL_ONLY_ENV))
     except Exception as exc:  # Ray raises a bare Exception when its processes do not come up in time
-        raise RaycvError(f"could not start a local Ray: {str(exc).strip().splitlines()[0]} (is the machine "
+        raise RaycvError(f"could not start a local Ray: {first_line(exc)} (is the machine "
                          "overloaded or out of memory? `ray status` shows a Ray already running)") from None
     finally:
         os.environ.pop("RAY_GCS_SERVER_PORT", None)

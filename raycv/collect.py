@@ -23,7 +23,7 @@ import pandas as pd
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from raycv import RaycvError, storage
+from raycv import RaycvError, first_line, storage
 from raycv.config import fold_and_seed
 
 STATUSES = {
@@ -128,7 +128,7 @@ def load_run_state(run_dir: Path) -> RunState | None:
             if record.status not in STATUSES:
                 raise ValueError(f"trial {record.trial_id}: status {record.status!r} is none of {', '.join(STATUSES)}")
     except (OSError, ValueError) as exc:  # pydantic's ValidationError and JSON's errors are ValueErrors
-        reason = str(exc).splitlines()[0] if not isinstance(exc, ValidationError) else _first_error(exc)
+        reason = first_line(exc) if not isinstance(exc, ValidationError) else _first_error(exc)
         raise RaycvError(f"{path}: not a run state raycv wrote ({reason}); it may be cut short or edited") from None
     return state
 

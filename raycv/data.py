@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from raycv import RaycvError
+from raycv import RaycvError, first_line
 from raycv.config import DataConfig, default_num_bins
 
 REQUIRED = ("id_column", "text_column", "target_column")
@@ -47,7 +47,7 @@ def _read_csv(data: DataConfig, with_target: bool) -> pd.DataFrame:
     try:
         raw = pd.read_csv(data.path, dtype={data.id_column: str}, keep_default_na=True)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise RaycvError(f"{data.path}: cannot read as CSV ({str(exc).splitlines()[0]})") from None
+        raise RaycvError(f"{data.path}: cannot read as CSV ({first_line(exc)})") from None
     wanted = {getattr(data, key): key for key in (REQUIRED if with_target else REQUIRED[:2])}
     missing = [f"{name} (data.{key})" for name, key in wanted.items() if name not in raw.columns]
     if missing:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from raycv import RaycvError
+from raycv import RaycvError, first_line
 from raycv.config import HUB_PREFIX, MINILM_ALIAS, ModelConfig, PretrainedBackbone, StructBertBackbone, TinyBackbone
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,10 @@ BERT_CONFIG_KEYS = (
     "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings", "type_vocab_size",
     "initializer_range", "layer_norm_eps",
 )
+BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")  # what a BERT tokenizer needs in its vocab.txt
+BERT_SIZE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                  "max_position_embeddings", "type_vocab_size")
+BERT_FLOAT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range", "layer_norm_eps")
 
 
 def minilm_dir() -> Path:
@@ -53,6 +57,17 @@ def name_or_dir(path: str) -> tuple[str, bool]:
 # ---------------------------------------------------------------- tokenizers
 
 
+def check_bert_vocab(vocab: str | Path) -> None:
+    """A BERT vocab.txt: UTF-8 text, one token a line, with the special tokens a BERT tokenizer needs."""
+    try:
+        tokens = set(Path(vocab).read_text(encoding="utf-8").splitlines())
+    except (OSError, ValueError) as exc:
+        raise RaycvError(f"{vocab}: cannot read as a BERT vocab.txt ({first_line(exc)})") from None
+    missing = [token for token in BERT_SPECIAL_TOKENS if token not in tokens]
+    if missing:
+        raise RaycvError(f"{vocab}: not a BERT vocab.txt, no {', '.join(missing)} among its {len(tokens)} lines")
+
+
 def load_tokenizer(model: ModelConfig):
     """The backbone's fast tokenizer."""
     from transformers import AutoTokenizer, BertTokenizerFast
@@ -60,14 +75,16 @@ def load_tokenizer(model: ModelConfig):
     backbone = model.backbone
     try:
         if isinstance(backbone, StructBertBackbone):
+            check_bert_vocab(backbone.vocab)  # the tokenizers library raises bare Exceptions on a bad file
             with tempfile.TemporaryDirectory() as tmp:
                 shutil.copy(backbone.vocab, Path(tmp) / "vocab.txt")
                 return BertTokenizerFast.from_pretrained(tmp, do_lower_case=True)
         path = backbone.path if isinstance(backbone, PretrainedBackbone) else backbone.tokenizer
         source, local_only = name_or_dir(path)
         return AutoTokenizer.from_pretrained(source, use_fast=True, local_files_only=local_only)
-    except OSError as exc:
-        raise RaycvError(f"cannot load the tokenizer for model.backbone: {str(exc).splitlines()[0]}") from None
+    except (OSError, ValueError) as exc:  # ValueError: a vocabulary that is not UTF-8 text
+        reason = first_line(exc)
+        raise RaycvError(f"cannot load the tokenizer for model.backbone: {reason}") from None
 
 
 # ---------------------------------------------------------------- StructBERT (AliceMind) checkpoints
@@ -76,15 +93,36 @@ def load_tokenizer(model: ModelConfig):
 def read_structbert_config(config_path: str | Path, attention: str = "sdpa"):
     """AliceMind's large_bert_config.json as a transformers BertConfig using `attention` (sdpa or eager)."""
     from transformers import BertConfig
+    from transformers.activations import ACT2FN
 
     try:
-        raw = json.loads(Path(config_path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise RaycvError(f"{config_path}: cannot read as a JSON BERT config ({exc})") from None
+        raw = json.loads(Path(config_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
+        reason = first_line(exc)
+        raise RaycvError(f"{config_path}: cannot read as a JSON BERT config ({reason})") from None
+    if not isinstance(raw, dict):
+        raise RaycvError(f"{config_path}: not a BERT config (a JSON {type(raw).__name__}, expected an object)")
     missing = [key for key in BERT_CONFIG_KEYS[:5] if key not in raw]
     if missing:
         raise RaycvError(f"{config_path}: not a BERT config, missing {', '.join(missing)}")
-    return BertConfig(**{key: raw[key] for key in BERT_CONFIG_KEYS if key in raw}, attn_implementation=attention)
+    sizes = [key for key in BERT_SIZE_KEYS if key in raw and not (type(raw[key]) is int and raw[key] > 0)]
+    if sizes:
+        raise RaycvError(f"{config_path}: {', '.join(f'{key} {raw[key]!r}' for key in sizes)}: expected whole "
+                         "numbers above 0")
+    if raw["hidden_size"] % raw["num_attention_heads"]:
+        raise RaycvError(f"{config_path}: hidden_size {raw['hidden_size']} is not a multiple of "
+                         f"num_attention_heads {raw['num_attention_heads']}")
+    bad = [f"{key} {raw[key]!r}" for key in BERT_FLOAT_KEYS if key in raw
+           and not (type(raw[key]) in (int, float) and 0 <= raw[key] < (1 if "prob" in key else float("inf")))]
+    if "hidden_act" in raw and not (isinstance(raw["hidden_act"], str) and raw["hidden_act"] in ACT2FN):
+        bad.append(f"hidden_act {raw['hidden_act']!r}")
+    if bad:
+        raise RaycvError(f"{config_path}: {', '.join(bad)}: not a value a BERT config takes")
+    settings = {key: float(raw[key]) if key in BERT_FLOAT_KEYS else raw[key] for key in BERT_CONFIG_KEYS if key in raw}
+    try:  # BertConfig checks its fields' types too; JSON's 0 for a float is cast above
+        return BertConfig(**settings, attn_implementation=attention)
+    except (TypeError, ValueError) as exc:
+        raise RaycvError(f"{config_path}: not a BERT config ({first_line(exc)})") from None
 
 
 def read_structbert_state_dict(
@@ -95,7 +133,7 @@ def read_structbert_state_dict(
     try:
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises many types for a file that is not a checkpoint
-        raise RaycvError(f"{checkpoint_path}: not a torch checkpoint ({str(exc).splitlines()[0]})") from None
+        raise RaycvError(f"{checkpoint_path}: not a torch checkpoint ({first_line(exc)})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict", state.get("model")), dict):
         state = state.get("state_dict", state.get("model"))
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -119,24 +157,32 @@ def read_structbert_state_dict(
     return renamed, ignored
 
 
+def structbert_mismatch(config, state: dict[str, torch.Tensor]) -> str | None:
+    """What keeps `state` from loading into a BertModel of `config`: missing, unexpected and misshapen tensors
+    (a few named, the rest counted); None if it fits. The model is built on the meta device: no memory."""
+    from transformers import BertModel
+
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in BertModel(config, add_pooling_layer=True).state_dict().items()}
+    problems = [f"missing {k}" for k in expected if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in expected]
+    problems += [f"{k} has shape {tuple(state[k].shape)}, the config needs {shape}"
+                 for k, shape in expected.items() if k in state and tuple(state[k].shape) != shape]
+    if not problems:
+        return None
+    return "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+
+
 def load_structbert(backbone: StructBertBackbone, attention: str = "sdpa"):
     """A transformers BertModel holding AliceMind's weights; fails on any missing, unexpected or misshapen tensor."""
     from transformers import BertModel
 
     config = read_structbert_config(backbone.config, attention)
-    model = BertModel(config, add_pooling_layer=True)
     state, ignored = read_structbert_state_dict(backbone.checkpoint)
-    expected = model.state_dict()
-    problems = [f"missing {k}" for k in expected if k not in state]
-    problems += [f"unexpected {k}" for k in state if k not in expected]
-    problems += [
-        f"{k} has shape {tuple(state[k].shape)}, the config needs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if problems:
-        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
-        raise RaycvError(f"{backbone.checkpoint} does not fit {backbone.config}: {shown}")
+    mismatch = structbert_mismatch(config, state)
+    if mismatch:  # found on the meta device, before a config's sizes are allocated
+        raise RaycvError(f"{backbone.checkpoint} does not fit {backbone.config}: {mismatch}")
+    model = BertModel(config, add_pooling_layer=True)
     model.load_state_dict(state, strict=True)
     if ignored:
         log.info("ignored %d checkpoint tensors a BertModel does not use: %s", len(ignored), ", ".join(ignored[:8]))
@@ -147,6 +193,7 @@ def convert_structbert(checkpoint: str, config_json: str, vocab: str, out_dir: s
     """Write a standard transformers directory (config.json, model.safetensors, tokenizer) for AutoModel."""
     from transformers import BertTokenizerFast
 
+    checkpoint, config_json, vocab = (str(Path(p).absolute()) for p in (checkpoint, config_json, vocab))
     backbone = StructBertBackbone(type="structbert", checkpoint=checkpoint, config=config_json, vocab=vocab)
     for path in (checkpoint, config_json, vocab):
         if not Path(path).is_file():
@@ -154,6 +201,7 @@ def convert_structbert(checkpoint: str, config_json: str, vocab: str, out_dir: s
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise RaycvError(f"{out_dir} exists and is not empty; choose a new directory")
+    check_bert_vocab(vocab)
     model, ignored = load_structbert(backbone, attention="eager")
     with tempfile.TemporaryDirectory(dir=out_dir.parent if out_dir.parent.exists() else None) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -185,7 +233,7 @@ def build_backbone(model: ModelConfig):
         source, local_only = name_or_dir(backbone.path)
         return AutoModel.from_pretrained(source, attn_implementation=model.attention, local_files_only=local_only)
     except (OSError, ValueError) as exc:
-        raise RaycvError(f"cannot load model.backbone.path {backbone.path}: {str(exc).splitlines()[0]}") from None
+        raise RaycvError(f"cannot load model.backbone.path {backbone.path}: {first_line(exc)}") from None
 
 
 def tiny_config(model: ModelConfig):
@@ -215,7 +263,7 @@ def backbone_config(model: ModelConfig):
         return AutoConfig.from_pretrained(source, local_files_only=local_only)
     except (OSError, ValueError) as exc:
         raise RaycvError(f"model.backbone.path: cannot read the model's config.json in {backbone.path} "
-                         f"({str(exc).splitlines()[0]})") from None
+                         f"({first_line(exc)})") from None
 
 
 def regressor_from_weights(backbone_config: dict, pooling: str, state: dict[str, torch.Tensor]) -> Regressor:

@@ -33,7 +33,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from raycv import RaycvError, storage
+from raycv import RaycvError, first_line, storage
 from raycv.config import Config, DataConfig, dump_yaml
 from raycv.data import read_texts, tokenize
 from raycv.model import autocast_dtype, backbone_config, load_tokenizer, regressor_from_weights
@@ -96,7 +96,7 @@ def reading(path: Path):
     except RaycvError:
         raise
     except Exception as exc:  # yaml, json, pydantic, transformers, safetensors; tokenizers raises bare Exception
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise RaycvError(f"{path}: cannot load it ({reason[:200]}); the run's kept models were cut short or "
                          "edited: run the search again to keep new ones") from None
 

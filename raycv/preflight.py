@@ -19,12 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-import torch
-
 from raycv import RaycvError, storage
 from raycv.config import Config, StructBertBackbone
 from raycv.data import DataError, EncodedFolds, encode_folds
-from raycv.model import backbone_config, load_tokenizer, read_structbert_config, read_structbert_state_dict
+from raycv.model import (
+    backbone_config,
+    load_tokenizer,
+    read_structbert_config,
+    read_structbert_state_dict,
+    structbert_mismatch,
+)
 from raycv.spaces import ConfigError
 from raycv.train_fold import steps_per_epoch, trial_eval_points
 
@@ -128,22 +132,13 @@ def check_model(config: Config, tokenizer) -> list[str]:
 
 
 def structbert_checkpoint_problems(backbone: StructBertBackbone) -> list[str]:
-    """Every tensor the config needs is in the checkpoint with its shape (a model on the meta device: no
-    memory for weights), so a mismatched en_model fails here rather than in every fold worker."""
-    from transformers import BertModel
-
-    config = read_structbert_config(backbone.config)
-    with torch.device("meta"):
-        expected = {name: tuple(t.shape) for name, t in BertModel(config, add_pooling_layer=True).state_dict().items()}
+    """Every tensor the config needs is in the checkpoint with its shape (mapped, not read; the model on the
+    meta device), so a mismatched en_model fails here rather than in every fold worker."""
     state, _ = read_structbert_state_dict(backbone.checkpoint, mmap=True)
-    problems = [f"missing {k}" for k in expected if k not in state]
-    problems += [f"unexpected {k}" for k in state if k not in expected]
-    problems += [f"{k} has shape {tuple(state[k].shape)}, the config needs {shape}"
-                 for k, shape in expected.items() if k in state and tuple(state[k].shape) != shape]
-    if not problems:
+    mismatch = structbert_mismatch(read_structbert_config(backbone.config), state)
+    if not mismatch:
         return []
-    shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
-    return [f"model.backbone.checkpoint: {backbone.checkpoint} does not fit {backbone.config}: {shown}"]
+    return [f"model.backbone.checkpoint: {backbone.checkpoint} does not fit {backbone.config}: {mismatch}"]
 
 
 def check_extras(config: Config) -> list[str]:

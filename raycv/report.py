@@ -20,7 +20,7 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 from typing_extensions import TypedDict
 
-from raycv import RaycvError
+from raycv import RaycvError, first_line
 from raycv.collect import STATUSES, RunState, load_run_state
 from raycv.config import Config
 from raycv.scoring import STACK_MIN_TRIALS, ensemble, rmse, score_ensemble, score_seeds, score_trial, stack
@@ -79,7 +79,7 @@ def read_run_file(path: Path, parse):
         err = exc.errors()[0]
         reason = f"{'.'.join(map(str, err['loc'])) or 'the top'}: {err['msg']}"
     except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError) as exc:  # JSON, CSV and decoding errors too
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
     raise RaycvError(f"{path}: not what raycv wrote ({reason}); it may be cut short or edited")
 
 
@@ -161,7 +161,7 @@ def stacked_ensemble(finished: list[dict], oofs: dict) -> dict:
     try:
         entry.update(stack({m: oofs[m] for m in members}))
     except ValueError as exc:  # OOF tables edited by hand: no rows or folds in common, values not finite
-        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        why = first_line(exc)
         entry["reason"] = f"cannot stack the finished trials: {why}"
         return entry
     entry["num_weighted"] = sum(weight > 0 for weight in entry["weights"].values())

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from raycv import RaycvError
+from raycv import RaycvError, first_line
 from raycv.config import (
     BACKBONE_TYPES,
     HUB_PREFIX,
@@ -143,7 +143,7 @@ def parse_yaml(text: str):
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        what = getattr(exc, "problem", None) or first_line(exc)
         raise ValueError(f"not valid YAML{where}: {what}") from None
     except (ValueError, TypeError, RecursionError) as exc:  # e.g. a date such as 2024-13-45
         raise ValueError(f"not valid YAML: {exc}") from None

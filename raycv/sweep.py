@@ -31,7 +31,7 @@ from ray.train.v2.api.exceptions import TrainingFailedError
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import FIFOScheduler
 
-from raycv import RaycvError, storage
+from raycv import RaycvError, first_line, storage
 from raycv.cluster import describe_workers, plan_resources, start_ray, trial_driver_resources
 from raycv.collect import (
     ENDED,
@@ -494,7 +494,7 @@ def finish(config: Config, max_t: int, received: dict, resume_command: str) -> i
             print(f"mlflow: report attached to run {run_id} (best trial {best}) of experiment {mlflow.experiment} "
                   f"at {mlflow.tracking_uri}")
         except Exception as exc:  # the search is done: a tracking server gone away must not fail it
-            print(f"mlflow: could not attach the report to the run of trial {best}: {str(exc).splitlines()[0]}")
+            print(f"mlflow: could not attach the report to the run of trial {best}: {first_line(exc)}")
     if cut_short:
         print(f"interrupted: {len(cut_short)} trial(s) cut short, their fold checkpoints kept; "
               f"continue with: {resume_command}")

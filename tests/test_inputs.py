@@ -15,6 +15,7 @@ import codecs
 import contextlib
 import csv
 import io
+import json
 import re
 import shutil
 import string
@@ -34,7 +35,7 @@ from raycv.cli import main
 from raycv.config import LEAF_KEYS, dump_yaml
 from raycv.model import minilm_dir
 
-from helpers import SPACES_DIR
+from helpers import SPACES_DIR, TINY_STRUCTBERT_CONFIG, alicemind_state, tiny_bert
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -458,6 +459,87 @@ def test_any_output_path(finished_run, small_csv, target, command, bad_config):
             assert f"raycv: error: {flag}: " in err and len(err.splitlines()) == 1 + bad_config, err
 
 
+# ---------------------------------------------------------------- StructBERT's three files
+
+
+@pytest.fixture(scope="module")
+def structbert_parts() -> dict:
+    """The three files of AliceMind's layout for a tiny BERT (bert. prefix, LayerNorm gamma/beta), as bytes."""
+    class Parts(dict):
+        def __repr__(self):  # Hypothesis prints a failing example's arguments: not megabytes of them
+            return f"<StructBERT files: {', '.join(self)}>"
+
+    return Parts({"en_model": torch_bytes(alicemind_state(tiny_bert(), "bert.")),
+                  "config.json": json.dumps(TINY_STRUCTBERT_CONFIG).encode(),
+                  "vocab.txt": (minilm_dir() / "vocab.txt").read_bytes()})
+
+
+def torch_bytes(value) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+@st.composite
+def structbert_changes(draw) -> dict:
+    """Which of the three files to replace, and with what: other bytes, other JSON, a config with keys of any
+    value or deleted, a checkpoint of other objects or with tensors dropped, added or reshaped."""
+    changes = {}
+    for name in draw(st.sets(st.sampled_from(["en_model", "config.json", "vocab.txt"]), min_size=1)):
+        kind = draw(st.sampled_from(["bytes", "text", "json", "edited"]))
+        if kind == "bytes":
+            changes[name] = draw(st.binary(max_size=64))
+        elif kind == "text":
+            changes[name] = draw(st.text(max_size=40)).encode("utf-8", "surrogatepass")
+        elif kind == "json":
+            changes[name] = yaml_text(draw(values)).encode() if name != "en_model" else torch_bytes(draw(
+                st.recursive(st.none() | st.integers() | st.text(max_size=4),
+                             lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
+                                                                                         max_size=3), max_leaves=5)))
+        elif name == "config.json":
+            config = dict(TINY_STRUCTBERT_CONFIG)
+            for key in draw(st.lists(st.sampled_from(sorted(config)), min_size=1, max_size=3)):
+                if draw(st.booleans()):
+                    config.pop(key, None)
+                else:
+                    config[key] = draw(scalars)
+            changes[name] = json.dumps(config).encode()
+        elif name == "en_model":
+            state = alicemind_state(tiny_bert(), "bert.")
+            for key in draw(st.lists(st.sampled_from(sorted(state)), min_size=1, max_size=3, unique=True)):
+                what = draw(st.sampled_from(["drop", "reshape", "rename"]))
+                tensor = state.pop(key)
+                if what == "reshape":
+                    state[key] = torch.zeros(draw(st.lists(st.integers(0, 40), max_size=3)))
+                elif what == "rename":
+                    state[key + draw(st.text(alphabet=string.ascii_lowercase + ".", min_size=1, max_size=4))] = tensor
+            changes[name] = torch_bytes(state)
+        else:  # vocab.txt: lines taken away or made odd
+            lines = (minilm_dir() / "vocab.txt").read_text().splitlines()
+            changes[name] = "\n".join(lines[: draw(st.integers(0, 50))] + draw(st.lists(st.text(max_size=5),
+                                                                                         max_size=3))).encode()
+    return changes
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(changes=structbert_changes(), command=st.sampled_from(["convert-structbert", "validate"]))
+def test_any_structbert_files(structbert_parts, small_csv, changes, command):
+    """`raycv convert-structbert` and a space with a StructBERT backbone, over three files any of which may be
+    anything: status 0 or 2, one line per problem naming the file or key, nothing left behind on 2."""
+    with workdir() as cwd:
+        for name, content in {**structbert_parts, **changes}.items():
+            (cwd / name).write_bytes(content)
+        if command == "convert-structbert":
+            argv = ["convert-structbert", "en_model", "config.json", "vocab.txt", "converted"]
+        else:
+            backbone = {"type": "structbert", "checkpoint": "en_model", "config": "config.json", "vocab": "vocab.txt"}
+            space = tiny_space(small_csv)
+            space["model"] = {**space["model"], "backbone": backbone}
+            (cwd / "space.yaml").write_text(yaml.safe_dump(space))
+            argv = ["validate", "space.yaml"]
+        run_cli(argv, cwd, outputs=("converted", "space.yaml"))
+
+
 # ---------------------------------------------------------------- the bugs these properties found, exactly
 
 
@@ -557,3 +639,26 @@ def test_settings_the_data_cannot_take_are_refused_before_any_cut(train_csv, tmp
                      "--no-model"], tmp_path) == [
         f"raycv: error: {space}: {train_csv}: data.num_bins: 5000 target bins for 2834 rows in 3 folds leave fewer "
         "rows per bin than folds; use at most 944 (or leave it out: floor(1 + log2 N) = 12)"]
+
+
+def test_structbert_files_the_properties_broke(structbert_parts, tmp_path):
+    """An empty checkpoint (torch's EOFError has no message), a vocabulary without BERT's special tokens or not
+    UTF-8 (the tokenizers library raises a bare Exception), a config giving 0 for a float: one line each, or a
+    converted model."""
+    cases = {"en_model": (b"", "en_model: not a torch checkpoint (EOFError)"),
+             "vocab.txt": (b"hello\nworld\n", "vocab.txt: not a BERT vocab.txt, no [PAD], [UNK], [CLS], [SEP] among "
+                                              "its 2 lines"),
+             "vocab.txt ": (b"\x80", "vocab.txt: cannot read as a BERT vocab.txt ('utf-8' codec can't decode")}
+    for name, (content, expected) in cases.items():
+        with workdir() as cwd:
+            for part, data in {**structbert_parts, name.strip(): content}.items():
+                (cwd / part).write_bytes(data)
+            (line,) = lines_of(["convert-structbert", "en_model", "config.json", "vocab.txt", "out"], cwd)
+            assert line.startswith(f"raycv: error: {cwd / name.strip()}: ") and expected in line, line
+    with workdir() as cwd:
+        config = {**TINY_STRUCTBERT_CONFIG, "hidden_dropout_prob": 0, "attention_probs_dropout_prob": 0}
+        for part, data in {**structbert_parts, "config.json": json.dumps(config).encode()}.items():
+            (cwd / part).write_bytes(data)
+        code, _, err = run_cli(["convert-structbert", "en_model", "config.json", "vocab.txt", "out"], cwd,
+                               outputs=("out",))
+        assert code == 0 and (cwd / "out" / "model.safetensors").is_file(), err
