@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from importlib import metadata
 
 from raycv import RaycvError
 
@@ -37,6 +38,7 @@ def _space_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> Parser:
     parser = Parser(prog="raycv", description="Ray-orchestrated CV and hyperparameter search for BERT regressors.")
+    parser.add_argument("--version", action="version", version=f"raycv {metadata.version('raycv')}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     sub.add_parser("spaces", help="list the shipped search spaces (spaces/NAME.yaml) with what each is for")

@@ -206,6 +206,14 @@ def test_bad_command_lines(argv, expected, capsys):
     assert line.endswith("--help)")
 
 
+def test_version(capsys):
+    from importlib import metadata
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"raycv {metadata.version('raycv')}\n"
+
+
 def test_a_csv_with_a_missing_column_writes_nothing(train_csv, tmp_path, capsys):
     broken = tmp_path / "no_target.csv"
     pd.read_csv(train_csv, nrows=40).drop(columns=["target"]).to_csv(broken, index=False)
