@@ -83,8 +83,7 @@ def load_tokenizer(model: ModelConfig):
         source, local_only = name_or_dir(path)
         return AutoTokenizer.from_pretrained(source, use_fast=True, local_files_only=local_only)
     except (OSError, ValueError) as exc:  # ValueError: a vocabulary that is not UTF-8 text
-        reason = first_line(exc)
-        raise RaycvError(f"cannot load the tokenizer for model.backbone: {reason}") from None
+        raise RaycvError(f"cannot load the tokenizer for model.backbone: {first_line(exc)}") from None
 
 
 # ---------------------------------------------------------------- StructBERT (AliceMind) checkpoints
@@ -98,8 +97,7 @@ def read_structbert_config(config_path: str | Path, attention: str = "sdpa"):
     try:
         raw = json.loads(Path(config_path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
-        reason = first_line(exc)
-        raise RaycvError(f"{config_path}: cannot read as a JSON BERT config ({reason})") from None
+        raise RaycvError(f"{config_path}: cannot read as a JSON BERT config ({first_line(exc)})") from None
     if not isinstance(raw, dict):
         raise RaycvError(f"{config_path}: not a BERT config (a JSON {type(raw).__name__}, expected an object)")
     missing = [key for key in BERT_CONFIG_KEYS[:5] if key not in raw]
