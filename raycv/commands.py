@@ -6,7 +6,6 @@ Human output lives here (and in the Tune driver): the library modules only log.
 from __future__ import annotations
 
 import shlex
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -98,6 +97,7 @@ def spaces(args) -> int:
 
 def folds(args) -> int:
     from raycv.data import load_folds
+    from raycv.preflight import output_problems
 
     out = Path(args.out)
     problems = output_problems("--out", out)
@@ -112,7 +112,7 @@ def folds(args) -> int:
 
 
 def train_fold(args) -> int:
-    from raycv.preflight import preflight
+    from raycv.preflight import output_problems, preflight
     from raycv.progress import fold_line
     from raycv.train_fold import split_fold
     from raycv.train_fold import train_fold as run_fold
@@ -181,6 +181,7 @@ def report(args) -> int:
 
 def predict(args) -> int:
     from raycv.predict import predict_run
+    from raycv.preflight import output_problems
     from raycv.report import build_report, load_run
 
     run_dir, out = Path(args.run_dir), Path(args.out)
@@ -207,29 +208,6 @@ def attempt(problems: list[str], step: Callable[[], T]) -> T | None:
     except RaycvError as exc:  # a ConfigError or DataError holds several problems
         problems += exc.lines() if hasattr(exc, "lines") else [str(exc)]
     return None
-
-
-def output_problems(flag: str, path: Path, files: tuple[str, ...] = ()) -> list[str]:
-    """Where a command will write, checked before it does any work: a file (no `files`) must not be a
-    directory, a directory (holding `files`) must not be a file, and the nearest existing folder above must
-    take a new file (tried: permissions alone say nothing to root, and /proc refuses anyway)."""
-    try:
-        if not files and path.is_dir():
-            return [f"{flag}: {path} is a directory; name a file in it, e.g. {flag} {path / 'out.csv'}"]
-        if files and path.exists() and not path.is_dir():
-            return [f"{flag}: {path} is a file, not a directory; choose another with {flag} DIR"]
-        taken = [name for name in files if (path / name).is_dir()]
-        if taken:
-            return [f"{flag}: {path} holds a directory named {taken[0]}, where a file is written; choose another "
-                    f"with {flag} DIR"]
-        existing = next(p for p in [*([path] if files else []), *path.parents] if p.exists())
-        if not existing.is_dir():
-            return [f"{flag}: cannot create {path}: {existing} is a file, not a directory"]
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as exc:
-        return [f"{flag}: cannot write {path} ({exc.strerror or exc}); choose another place"]
-    return []
 
 
 def bench(args) -> int:

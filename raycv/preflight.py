@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,6 +174,32 @@ def check_mlflow_store(tracking_uri: str) -> list[str]:
             "MLFLOW_ALLOW_FILE_STORE=true)"]
 
 
+def output_problems(flag: str, path: Path, files: tuple[str, ...] = (), directory: bool = False) -> list[str]:
+    """Where a command will write, checked before it does any work: a file (no `files`, not `directory`) must
+    not be a directory, a directory (holding `files`) must not be a file, and the nearest existing folder above
+    must take a new file (tried: permissions alone say nothing to root, and /proc refuses anyway). `flag`: the
+    command-line flag or the config key that names the place."""
+    directory = directory or bool(files)
+    other = f"{flag} DIR" if flag.startswith("--") else f"{flag}=DIR"
+    try:
+        if not directory and path.is_dir():
+            return [f"{flag}: {path} is a directory; name a file in it, e.g. {flag} {path / 'out.csv'}"]
+        if directory and path.exists() and not path.is_dir():
+            return [f"{flag}: {path} is a file, not a directory; choose another with {other}"]
+        taken = [name for name in files if (path / name).is_dir()]
+        if taken:
+            return [f"{flag}: {path} holds a directory named {taken[0]}, where a file is written; choose another "
+                    f"with {other}"]
+        existing = next(p for p in [*([path] if directory else []), *path.parents] if p.exists())
+        if not existing.is_dir():
+            return [f"{flag}: cannot create {path}: {existing} is a file, not a directory"]
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        return [f"{flag}: cannot write {path} ({exc.strerror or exc}); choose another place"]
+    return []
+
+
 def check_output_paths(config: Config) -> list[str]:
     """run.output_dir (and a local run.storage_path) must be a directory raycv can create and write; a bucket
     (s3://...) must take a small object, written and deleted with short timeouts, before Ray starts."""
@@ -186,19 +211,5 @@ def check_output_paths(config: Config) -> list[str]:
     elif config.run.storage_path:
         paths.append(("run.storage_path", config.run.storage_path))
     for key, value in paths:
-        path = Path(value)
-        if path.exists() and not path.is_dir():
-            problems.append(f"{key}: {path} is a file, not a directory; choose another with {key}=DIR")
-            continue
-        existing = next(p for p in [path, *path.parents] if p.exists())
-        reason = None if existing.is_dir() else "not a directory"
-        if reason is None:
-            # Tried, not judged from permission bits: root passes os.access everywhere, yet cannot create a
-            # directory in /proc, on a read-only mount or a full disk. The probe is removed at once.
-            try:
-                os.rmdir(tempfile.mkdtemp(prefix=".raycv-probe-", dir=existing))
-            except OSError as error:
-                reason = error.strerror or type(error).__name__
-        if reason:
-            problems.append(f"{key}: cannot write under {existing} ({reason}); choose a writable place with {key}=DIR")
+        problems += output_problems(key, Path(value), directory=True)
     return problems

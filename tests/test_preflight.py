@@ -79,7 +79,7 @@ CASES = {
     "an output directory that is a file": (
         lambda f: [f"run.output_dir={f['a_file']}"], "run.output_dir: " ),
     "an output directory where nothing can be created, even by root": (
-        lambda f: ["run.output_dir=/proc/raycv-run"], "run.output_dir: cannot write under /proc ("),
+        lambda f: ["run.output_dir=/proc/raycv-run"], "run.output_dir: cannot write /proc/raycv-run ("),
     "a model directory that does not exist": (
         lambda f: ["model.backbone={type: pretrained, path: no-such-org/no-such-model}"],
         "model.backbone.path: directory not found"),
