@@ -203,13 +203,11 @@ def output_problems(flag: str, path: Path, files: tuple[str, ...] = (), director
 def check_output_paths(config: Config) -> list[str]:
     """run.output_dir (and a local run.storage_path) must be a directory raycv can create and write; a bucket
     (s3://...) must take a small object, written and deleted with short timeouts, before Ray starts."""
-    problems = []
-    paths = [("run.output_dir", config.run.output_dir)]
-    if config.run.storage_path and storage.is_remote(config.run.storage_path):
-        unwritable = storage.probe(config.run.storage_path)  # one line, or None
+    problems = output_problems("run.output_dir", Path(config.run.output_dir), directory=True)
+    storage_path = config.run.storage_path
+    if storage_path and storage.is_remote(storage_path):
+        unwritable = storage.probe(storage_path)  # one line, or None
         problems += [unwritable] if unwritable else []
-    elif config.run.storage_path:
-        paths.append(("run.storage_path", config.run.storage_path))
-    for key, value in paths:
-        problems += output_problems(key, Path(value), directory=True)
+    elif storage_path and not (problems and Path(storage_path).is_relative_to(config.run.output_dir)):
+        problems += output_problems("run.storage_path", Path(storage_path), directory=True)  # not a 2nd line
     return problems

@@ -245,3 +245,15 @@ def test_a_searched_value_that_causes_a_problem_is_named(tiny_space, capsys, sho
     lines = capsys.readouterr().err.splitlines()
     keys = [line.split(": ", 4)[3] for line in lines]  # raycv: error: FILE: KEY: ...
     assert keys == ["model.max_length", "search.params.model.max_length.grid value 256"]
+
+
+def test_an_unwritable_output_dir_is_one_line_not_two(tiny_space, capsys):
+    """The default run.storage_path lies under run.output_dir: where that cannot be written, one line says so;
+    a storage path of its own elsewhere gets its own line."""
+    assert main(["validate", str(tiny_space()), "run.output_dir=/proc/raycv-run"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"raycv: error: {tiny_space()}: run.output_dir: cannot write /proc/raycv-run (No such file or directory); "
+        "choose another place"]
+    assert main(["validate", str(tiny_space()), "run.output_dir=/proc/raycv-run", "run.storage_path=/proc/other"]) == 2
+    assert [line.split(": ")[3] for line in capsys.readouterr().err.strip().splitlines()] == [
+        "run.output_dir", "run.storage_path"]
