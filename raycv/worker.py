@@ -15,12 +15,16 @@ records why in the trial's status file instead of scoring predictions that are n
 
 from __future__ import annotations
 
+import atexit
 import io
 import json
 import logging
 import os
+import re
+import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -44,6 +48,8 @@ def train_fn_per_worker(loop_config: dict) -> None:
     """Runs on each Ray Train worker. loop_config: config (dict), encoded (EncodedFolds), trial_id,
     num_points, checkpoint_every."""
     quiet_train_report_logs()
+    mark_training_thread()
+    remove_orphaned_checkpoint_dirs()
     config = Config.model_validate(loop_config["config"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -169,12 +175,88 @@ def report(metrics: dict, eval_point: int, snapshot, state_name: str) -> None:
     if snapshot is None:
         ray.train.report(metrics)
         return
-    prefix = f"raycv-{state_name.removesuffix('.pt').replace('_', '')}-"
-    directory = tempfile.mkdtemp(prefix=prefix)  # Ray Train deletes it after the upload
+    directory = checkpoint_dir(state_name)
     torch.save(snapshot(), Path(directory) / state_name)
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                      checkpoint_dir_name=storage.checkpoint_dir_name(eval_point),
                      checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+
+
+# ---------------------------------------------------------------- this process's local checkpoint copies
+
+# A fold's state goes to a local directory, which Ray Train deletes once it has copied it into the run's storage
+# (in the background). A worker stopped before the copy is done (ASHA stopping its trial, the end of a search,
+# Ctrl-C, a lost node) would leave it behind in the node's temp directory: a few GB for a large model, each
+# time. The directories carry the pid of the worker that made them, so they can be found and removed.
+CHECKPOINT_DIR_PREFIX = "raycv-ckpt-"
+_made_here: set[str] = set()  # this process's checkpoint directories not yet known to be deleted
+
+
+def checkpoint_dir(state_name: str) -> str:
+    """A fresh local directory for this worker's fold state at one point, named by pid and fold (and seed)."""
+    _made_here.difference_update({d for d in _made_here if not os.path.exists(d)})  # copied and deleted
+    tag = state_name.removesuffix(".pt").replace("_", "")
+    directory = tempfile.mkdtemp(prefix=f"{CHECKPOINT_DIR_PREFIX}{os.getpid()}-{tag}-")
+    _made_here.add(directory)
+    return directory
+
+
+def remove_checkpoint_dirs_made_here() -> None:
+    for directory in list(_made_here):
+        shutil.rmtree(directory, ignore_errors=True)
+    _made_here.clear()
+
+
+def remove_orphaned_checkpoint_dirs(min_age_s: float = 3600.0) -> None:
+    """Checkpoint directories in this node's temp directory whose worker is gone (SIGKILLed: out of memory, a
+    lost node) and which are at least `min_age_s` old (a pid seen from another PID namespace sharing the temp
+    directory would look gone: the age keeps its live uploads)."""
+    root = tempfile.gettempdir()
+    with os.scandir(root) as entries:
+        for entry in entries:
+            match = re.match(rf"{re.escape(CHECKPOINT_DIR_PREFIX)}(\d+)-", entry.name)
+            if not match or not entry.is_dir(follow_symlinks=False) or _pid_alive(int(match.group(1))):
+                continue
+            try:
+                if time.time() - entry.stat(follow_symlinks=False).st_mtime >= min_age_s:
+                    shutil.rmtree(entry.path, ignore_errors=True)
+            except OSError:
+                continue
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_training_thread: threading.Thread | None = None  # the Ray Train thread running train_fn_per_worker here
+
+
+def mark_training_thread() -> None:
+    """Marks the calling thread as this process's training thread, for `_leave_at_exit`."""
+    global _training_thread
+    _training_thread = threading.current_thread()
+
+
+@atexit.register
+def _leave_at_exit() -> None:
+    """When Ray stops a fold worker while it trains (ASHA stopping its trial, Ctrl-C, the end of a search), it
+    sends SIGTERM: Ray shuts the worker down and Python then tears itself down under Ray Train's training
+    thread, still mid-step, which aborts with a native stack dump of a hundred lines on the driver's console.
+    The trial has nothing left to save (a checkpoint whose copy did not finish is not the trial's). By the
+    time Python runs its atexit handlers, Ray's SIGTERM handling has already shut the worker's Ray core down
+    and told the raylet; so this worker removes its unfinished checkpoint copies and leaves at once, with
+    Ray's exit status for a SIGTERM. A worker whose training ended, and every other process, exits as before."""
+    remove_checkpoint_dirs_made_here()
+    if _training_thread is not None and _training_thread.is_alive():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
 
 
 # ---------------------------------------------------------------- resuming a restarted worker group

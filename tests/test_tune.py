@@ -8,13 +8,17 @@ with a hard time limit; on a timeout its whole process group is killed and the t
 import json
 import shutil
 import struct
+import subprocess
+import sys
+import tempfile
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import pooled_rmse, run_raycv
+from helpers import REPO_DIR, cluster_processes, die_with_pytest, kill_group, pooled_rmse, run_raycv
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1500)]
 
@@ -28,6 +32,7 @@ def test_run_prints_dashboard_summary_and_report_path(smoke_run):
     everything = smoke_run["proc"].stdout + smoke_run["proc"].stderr
     assert everything.count("| cv_rmse_last ") >= 2 * 6 + 2 * 2  # one progress line per trial and evaluation point
     assert "Reporting training result" not in everything  # Ray Train's per-report INFO lines are quieted
+    assert "Fatal Python error" not in everything and "SIGABRT" not in everything  # stopped workers leave quietly
 
 
 def test_a_search_beside_another_ray_instance_finds_its_own_cluster(smoke_run):
@@ -234,3 +239,106 @@ def test_second_run_into_the_same_directory_is_refused(smoke_run, train_csv):
     proc = run_raycv(["tune", "spaces/smoke.yaml", f"data.path={train_csv}"], cwd=smoke_run["cwd"], timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "already holds a run" in proc.stderr
+
+
+# A fold worker that Ray stops mid-step: two Ray actors train in a thread as Ray Train's workers do (SDPA, the
+# kernel a fold's forward pass was in when it happened), one of them marked as raycv's fold worker marks its
+# training thread and holding a local checkpoint copy; both get the SIGTERM Ray sends a stopped trial's workers.
+STOPPED_MID_STEP = textwrap.dedent("""
+    import glob, json, os, signal, sys, threading, time
+    import ray
+
+    temp_dir = sys.argv[1]
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir)
+
+    @ray.remote(num_cpus=0)
+    class Fold:
+        def start(self, as_raycv):
+            import torch
+            from raycv import worker
+            ready, found = threading.Event(), {}
+
+            def train():
+                if as_raycv:
+                    worker.mark_training_thread()
+                    found["copy"] = worker.checkpoint_dir("fold_0.pt")
+                q = torch.randn(4, 2, 128, 32)
+                ready.set()
+                while True:
+                    torch.nn.functional.scaled_dot_product_attention(q, q, q)
+
+            threading.Thread(target=train, daemon=True).start()
+            ready.wait()
+            return os.getpid(), found.get("copy")
+
+    folds = [Fold.remote(), Fold.remote()]
+    started = ray.get([fold.start.remote(as_raycv) for fold, as_raycv in zip(folds, (False, True))])
+    time.sleep(2)
+    for pid, _ in started:
+        os.kill(pid, signal.SIGTERM)
+    session = max(glob.glob(os.path.join(temp_dir, "session_2*")))
+    for pid, _ in started:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+    time.sleep(1)  # the log monitor has the last lines
+    out = []
+    for pid, copy in started:
+        logs = "".join(open(f, errors="replace").read() for f in glob.glob(f"{session}/logs/worker-*-{pid}.err"))
+        out.append({"aborted": "Fatal Python error" in logs or "SIGABRT" in logs,
+                    "copy_left": bool(copy) and os.path.exists(copy)})
+    print("RESULT", json.dumps(out), flush=True)
+    ray.shutdown()
+""")
+
+
+@pytest.mark.timeout(180)
+def test_a_fold_worker_stopped_mid_step_leaves_quietly_and_removes_its_checkpoint_copy(tmp_path):
+    """Ray stops a stopped trial's fold workers with SIGTERM while their training thread may be mid-step;
+    Python's teardown under that thread aborts with a native stack dump on the driver's console (the unmarked
+    actor shows that this still happens). raycv's fold worker leaves at once instead, and removes the local
+    checkpoint copy whose upload will not finish (a few GB for a large model, left in /tmp otherwise)."""
+    script = tmp_path / "stopped_mid_step.py"
+    script.write_text(STOPPED_MID_STEP)
+    temp_dir = Path(tempfile.mkdtemp(prefix="raycv-stop-"))  # short: Ray's socket paths live under it
+    proc = subprocess.Popen([sys.executable, str(script), str(temp_dir)], cwd=REPO_DIR, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=die_with_pytest)
+    try:
+        out, err = proc.communicate(timeout=150)
+    finally:
+        kill_group(proc)
+        for process in cluster_processes(temp_dir):
+            process.kill()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert proc.returncode == 0, err[-3000:]
+    (line,) = [line for line in out.splitlines() if line.startswith("RESULT ")]
+    unmarked, fold_worker = json.loads(line.removeprefix("RESULT "))
+    assert unmarked["aborted"], "the scenario no longer aborts without raycv's exit: this test tests nothing"
+    assert not fold_worker["aborted"] and not fold_worker["copy_left"]
+
+
+def test_checkpoint_copies_of_killed_workers_are_removed_once_old(tmp_path, monkeypatch):
+    """A fold worker SIGKILLed (out of memory, a lost node) cannot remove its copies; the next fold worker on
+    the node removes those whose worker is gone, once they are old enough that no live upload can own them."""
+    from raycv import worker
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    dead = tmp_path / f"{worker.CHECKPOINT_DIR_PREFIX}{dead_pid}-fold1-abc"
+    (dead / "fold_1.pt").parent.mkdir()
+    (dead / "fold_1.pt").write_bytes(b"x")
+    mine = Path(worker.checkpoint_dir("fold_0.pt"))
+    other = tmp_path / "raycv-something-else"
+    other.mkdir()
+    worker.remove_orphaned_checkpoint_dirs()  # an hour: too young to be an orphan
+    assert dead.exists() and mine.exists()
+    worker.remove_orphaned_checkpoint_dirs(min_age_s=0)
+    assert not dead.exists() and mine.exists() and other.exists()
+    worker.remove_checkpoint_dirs_made_here()
+    assert not mine.exists()
