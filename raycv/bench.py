@@ -38,7 +38,8 @@ from raycv import RaycvError
 from raycv.config import Config
 from raycv.data import bucketed_batches, encode_folds, useful_token_fraction
 from raycv.model import autocast_dtype, build_model, load_tokenizer, param_groups
-from raycv.spaces import load_config
+from raycv.spaces import ConfigError, load_config
+from raycv.storage import write_text_atomic
 from raycv.train_fold import FoldData, fold_seed, tame_glibc_malloc, train_fold
 
 # key: (target, what it compares). The table's rows, in this order; bench.json holds every one.
@@ -732,12 +733,24 @@ def run_gpu(results: Results, data_path: str, work: Path, peak_override: float |
 
 def bench(quick: bool = False, gpu: bool = False, out: str = "bench.json", data: str | None = None,
           peak_tflops: float | None = None) -> int:
+    from raycv.commands import attempt
+    from raycv.preflight import output_problems
+
+    # Every problem with the command line at once, before minutes of measuring (bad data: one line, exit 2).
+    problems = []
     if gpu and not torch.cuda.is_available():
-        raise RaycvError("--gpu: no CUDA GPU is visible to torch on this machine; run it on a GPU machine "
-                         "(or drop --gpu for the CPU benchmark)")
+        problems.append("--gpu: no CUDA GPU is visible to torch on this machine; run it on a GPU machine "
+                        "(or drop --gpu for the CPU benchmark)")
+    if peak_tflops is not None and not (math.isfinite(peak_tflops) and peak_tflops > 0):
+        problems.append(f"--peak-tflops: expected the GPU's dense bf16 peak in TFLOP/s, a positive number, found "
+                        f"{peak_tflops:g}; e.g. --peak-tflops 989 (an H100)")
+    problems += output_problems("--out", Path(out))
     space = "smoke.yaml" if (quick or gpu) else "minilm_cpu.yaml"
     overrides = [f"data.path={data}"] if data else []
-    data_path = str(Path(load_config(space, overrides).data.path).resolve())  # bad data: one line, exit 2
+    config = attempt(problems, lambda: load_config(space, overrides))
+    if problems:
+        raise ConfigError(None, problems)
+    data_path = str(Path(config.data.path).resolve())
     results = Results(GPU_KEYS if gpu else KEYS)
     started = time.perf_counter()
     mode = "gpu" if gpu else "quick" if quick else "full"
@@ -754,7 +767,7 @@ def bench(quick: bool = False, gpu: bool = False, out: str = "bench.json", data:
             measure_hf(results, sizes, data_path, work, smoke)
     say(f"done in {time.perf_counter() - started:.0f} s")
     print(results.table())
-    Path(out).write_text(json.dumps(results.to_json(mode), indent=2) + "\n")
+    write_text_atomic(Path(out), json.dumps(results.to_json(mode), indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 

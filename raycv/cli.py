@@ -36,6 +36,14 @@ def _space_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. train.lr=3e-5")
 
 
+def _address(value: str) -> str:
+    """--address: an empty one (an unset variable in `--address "$HEAD"`) is a mistake, not a local Ray."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("empty; give the cluster's address (auto, HOST:6379 or ray://HOST:10001), "
+                                         "or leave --address out for a local Ray")
+    return value
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="raycv", description="Ray-orchestrated CV and hyperparameter search for BERT regressors.")
     parser.add_argument("--version", action="version", version=f"raycv {metadata.version('raycv')}")
@@ -64,7 +72,8 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("tune", help="run the search: Ray Tune trials, one Ray Train worker per fold")
     _space_args(p)
-    p.add_argument("--address", help="Ray cluster to join (auto, or ray://...); default: RAY_ADDRESS, else a local Ray")
+    p.add_argument("--address", type=_address,
+                   help="Ray cluster to join (auto, or ray://...); default: RAY_ADDRESS, else a local Ray")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in the same output directory (same space and overrides)")
 

@@ -67,6 +67,9 @@ def resolve_space_path(arg: str | Path) -> Path:
     for path in (Path(arg), BUNDLED_SPACES_DIR / name):
         if path.is_file():
             return path
+    if Path(arg).exists():  # a directory, a device, a pipe: nothing to read a space from
+        kind = "a directory" if Path(arg).is_dir() else "not a regular file"
+        raise RaycvError(f"search space {arg} is {kind}; name a YAML file (or a bundled space: raycv spaces)")
     available = ", ".join(sorted(p.name for p in BUNDLED_SPACES_DIR.glob("*.yaml")))
     raise RaycvError(f"search space {arg} not found, and no bundled one is named {name} (bundled: {available})")
 

@@ -65,11 +65,26 @@ def test_peak_table_matches_device_names():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
-def test_gpu_without_a_gpu_exits_2_with_one_line(capsys, tmp_path):
-    assert main(["bench", "--gpu", "--out", str(tmp_path / "bench.json")]) == 2
+def test_gpu_without_a_gpu_exits_2_with_one_line(capsys, tmp_path, train_csv):
+    assert main(["bench", "--gpu", "--out", str(tmp_path / "bench.json"), "--data", str(train_csv)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("raycv: error: --gpu: no CUDA GPU") and err.count("\n") == 1
     assert not (tmp_path / "bench.json").exists()
+
+
+@pytest.mark.parametrize("peak", ["nan", "-1", "0", "inf"])
+def test_bad_bench_arguments_are_all_refused_before_measuring(peak, capsys, tmp_path):
+    """A full bench measures for 17 minutes before it writes --out: a bad --out, --peak-tflops or data is
+    refused first, every problem on its own line."""
+    argv = ["bench", "--out", str(tmp_path), "--peak-tflops", peak, "--data", str(tmp_path / "none.csv")]
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("raycv: error: --peak-tflops: expected the GPU's dense bf16 peak in TFLOP/s")
+    assert lines[1] == (f"raycv: error: --out: {tmp_path} is a directory; name a file in it, "
+                        f"e.g. --out {tmp_path / 'out.csv'}")
+    assert "data.path: file not found" in lines[2]
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.ray

@@ -178,6 +178,14 @@ def test_a_missing_yaml(capsys, tmp_path, monkeypatch):
     )
 
 
+@pytest.mark.parametrize("where", ["a directory", "/dev/null"])
+def test_a_space_that_is_not_a_file(where, capsys, tmp_path):
+    path = str(tmp_path) if where == "a directory" else where
+    [line] = bad_input(["validate", path], capsys)
+    kind = "a directory" if where == "a directory" else "not a regular file"
+    assert line == f"raycv: error: search space {path} is {kind}; name a YAML file (or a bundled space: raycv spaces)"
+
+
 def test_a_fold_out_of_range_writes_nothing(train_csv, capsys, tmp_path):
     out_dir = tmp_path / "fold3"
     [line] = bad_input(
@@ -197,8 +205,9 @@ def test_a_fold_out_of_range_writes_nothing(train_csv, capsys, tmp_path):
         (["train-fold", SMOKE], r"raycv: error: the following arguments are required: --fold"),
         (["train-fold", SMOKE, "--fold", "one"], r"raycv: error: argument --fold: invalid int value: 'one'"),
         (["validate", SMOKE, "--color"], r"raycv: error: unrecognized arguments: --color"),
+        (["tune", SMOKE, "--address", ""], r"raycv: error: argument --address: empty; give the cluster's address"),
     ],
-    ids=["unknown-subcommand", "no-subcommand", "no-fold", "fold-not-int", "unknown-flag"],
+    ids=["unknown-subcommand", "no-subcommand", "no-fold", "fold-not-int", "unknown-flag", "empty-address"],
 )
 def test_bad_command_lines(argv, expected, capsys):
     [line] = bad_input(argv, capsys)
