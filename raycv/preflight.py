@@ -184,6 +184,8 @@ def output_problems(flag: str, path: Path, files: tuple[str, ...] = (), director
     try:
         if not directory and path.is_dir():
             return [f"{flag}: {path} is a directory; name a file in it, e.g. {flag} {path / 'out.csv'}"]
+        if not directory and (problem := storage.not_a_file_to_replace(path)):  # written by a rename, which replaces it
+            return [f"{flag}: {path} {problem}; name a file, e.g. {flag} out.csv"]
         if directory and path.exists() and not path.is_dir():
             return [f"{flag}: {path} is a file, not a directory; choose another with {other}"]
         taken = [name for name in files if (path / name).is_dir()]

@@ -81,6 +81,11 @@ def write_atomic(path: str | Path, write: Callable[[Path], object]) -> None:
     """Call `write(tmp_path)` and rename the result onto `path`, so a failure leaves nothing half-written.
     A path that cannot be written (a directory, under a file, a read-only place) is a RaycvError."""
     path = Path(path)
+    problem = not_a_file_to_replace(path)
+    if problem:
+        raise RaycvError(f"{path} {problem}; name a file to write")
+    if path.is_symlink():  # the rename replaces what it lands on: write the link's file, keep the link
+        path = Path(os.path.realpath(path))
     if path.is_dir():  # a rename onto a directory fails only after the whole file was written
         raise RaycvError(f"{path} is a directory; name a file to write")
     tmp = path.with_name(f".{path.name}.tmp")
@@ -93,6 +98,17 @@ def write_atomic(path: str | Path, write: Callable[[Path], object]) -> None:
     finally:
         if tmp.exists():  # False under a file or in a place that refused it: never created
             tmp.unlink()
+
+
+def not_a_file_to_replace(path: Path) -> str | None:
+    """Why a finished file cannot be renamed onto `path`, or None. The rename replaces whatever is there:
+    a device, a pipe or /dev/stdout (as root, in /dev itself) would be swapped for a regular file."""
+    parts = Path(os.path.abspath(path)).parts
+    if parts[1:2] in (("dev",), ("proc",), ("sys",)) and parts[1:3] != ("dev", "shm"):  # /dev/shm: a tmpfs
+        return "is a device or a process's file, not a file raycv can replace"
+    if path.exists() and not path.is_file() and not path.is_dir():
+        return "is not a regular file (a device or a pipe)"
+    return None
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

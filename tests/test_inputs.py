@@ -16,6 +16,7 @@ import contextlib
 import csv
 import io
 import json
+import os
 import re
 import shutil
 import string
@@ -610,10 +611,36 @@ def test_output_paths_under_a_file_or_in_proc(small_csv, tmp_path):
     assert lines_of(["folds", "space.yaml", "--out", "a_file/f.csv"], tmp_path) == [
         "raycv: error: --out: cannot create a_file/f.csv: a_file is a file, not a directory"]
     assert lines_of(["folds", "space.yaml", "--out", "/proc/f.csv"], tmp_path) == [
-        "raycv: error: --out: cannot write /proc/f.csv (No such file or directory); choose another place"]
+        "raycv: error: --out: /proc/f.csv is a device or a process's file, not a file raycv can replace; name a "
+        "file, e.g. --out out.csv"]
     assert lines_of(["train-fold", "space.yaml", "--fold", "0", "--out-dir", "a_file", "train.lr=-1"], tmp_path) == [
         "raycv: error: --out-dir: a_file is a file, not a directory; choose another with --out-dir DIR",
         "raycv: error: space.yaml: train.lr: Input should be greater than 0, found -1"]
+
+
+@pytest.mark.parametrize("command", ["folds", "predict"])
+@pytest.mark.parametrize("out", ["/dev/full", "/dev/stdout", "/dev/null", "/proc/self/fd/1"])
+def test_out_that_is_a_device_is_refused_and_left_as_it_was(finished_run, small_csv, tmp_path, command, out):
+    """A file is written beside its place and renamed onto it; renamed onto /dev/full as root, it replaced the
+    device with a regular file (and onto /dev/stdout, the file the shell's output went to)."""
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(tiny_space(small_csv)))
+    shutil.copytree(finished_run, tmp_path / "run")
+    pd.read_csv(small_csv, nrows=3).drop(columns="target").to_csv(tmp_path / "test.csv", index=False)
+    argv = {"folds": ["folds", "space.yaml"], "predict": ["predict", "run", "--data", "test.csv"]}[command]
+    before = os.lstat(out)
+    assert lines_of(argv + ["--out", out], tmp_path) == [
+        f"raycv: error: --out: {out} is a device or a process's file, not a file raycv can replace; name a file, "
+        "e.g. --out out.csv"]
+    after = os.lstat(out)
+    assert (after.st_mode, after.st_ino) == (before.st_mode, before.st_ino)
+
+
+def test_out_through_a_link_writes_the_linked_file_and_keeps_the_link(small_csv, tmp_path):
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(tiny_space(small_csv)))
+    (tmp_path / "link.csv").symlink_to(tmp_path / "real.csv")
+    assert run_cli(["folds", "space.yaml", "--out", "link.csv"], tmp_path, outputs=("link.csv", "real.csv"))[0] == 0
+    assert (tmp_path / "link.csv").is_symlink()
+    assert (tmp_path / "real.csv").read_text().startswith("id,fold\n")
 
 
 def test_base_yaml_with_a_pretrained_backbone_by_override(train_csv, tmp_path):
