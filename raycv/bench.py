@@ -731,12 +731,12 @@ def run_gpu(results: Results, data_path: str, work: Path, peak_override: float |
 # ---------------------------------------------------------------- the command
 
 
-def bench(quick: bool = False, gpu: bool = False, out: str = "bench.json", data: str | None = None,
-          peak_tflops: float | None = None) -> int:
-    from raycv.commands import attempt
+def check_arguments(quick: bool, gpu: bool, out: str, data: str | None,
+                    peak_tflops: float | None) -> tuple[list[str], Config | None]:
+    """Every problem with bench's command line, one line each, before minutes of measuring; and the config of
+    the space it measures (None where that is one of the problems: bad data is one line, exit 2)."""
     from raycv.preflight import output_problems
 
-    # Every problem with the command line at once, before minutes of measuring (bad data: one line, exit 2).
     problems = []
     if gpu and not torch.cuda.is_available():
         problems.append("--gpu: no CUDA GPU is visible to torch on this machine; run it on a GPU machine "
@@ -746,8 +746,18 @@ def bench(quick: bool = False, gpu: bool = False, out: str = "bench.json", data:
                         f"{peak_tflops:g}; e.g. --peak-tflops 989 (an H100)")
     problems += output_problems("--out", Path(out))
     space = "smoke.yaml" if (quick or gpu) else "minilm_cpu.yaml"
-    overrides = [f"data.path={data}"] if data else []
-    config = attempt(problems, lambda: load_config(space, overrides))
+    try:
+        config = load_config(space, [f"data.path={data}"] if data else [])
+    except RaycvError as exc:  # a ConfigError or DataError holds several problems
+        problems += exc.lines() if hasattr(exc, "lines") else [str(exc)]
+        config = None
+    return problems, config
+
+
+def bench(quick: bool = False, gpu: bool = False, out: str = "bench.json", data: str | None = None,
+          peak_tflops: float | None = None) -> int:
+    """Every argument checked first (one line per problem, exit 2), then the measurements."""
+    problems, config = check_arguments(quick, gpu, out, data, peak_tflops)
     if problems:
         raise ConfigError(None, problems)
     data_path = str(Path(config.data.path).resolve())
