@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,12 +167,74 @@ def check_mlflow_store(tracking_uri: str) -> list[str]:
     from mlflow import environment_variables
 
     allow = getattr(environment_variables, "MLFLOW_ALLOW_FILE_STORE", None)  # absent: file stores allowed
-    file_store = urlparse(tracking_uri).scheme in ("", "file") and not tracking_uri.startswith("databricks")
-    if not file_store or allow is None or allow.get():
+    try:
+        parsed = urlparse(tracking_uri)
+        parsed.port  # noqa: B018 -- parsing the port is what refuses a bad one
+    except ValueError as exc:
+        return [f"run.mlflow.tracking_uri: {tracking_uri} is not a URI ({exc}); use e.g. sqlite:///mlflow.db or "
+                "http://HOST:5000"]
+    file_store = parsed.scheme in ("", "file") and not tracking_uri.startswith("databricks")
+    if file_store and allow is not None and not allow.get():
+        return [f"run.mlflow.tracking_uri: {tracking_uri} is a file store, which this MLflow refuses unless "
+                "MLFLOW_ALLOW_FILE_STORE=true is set; use a database store such as sqlite:///mlflow.db (or set "
+                "MLFLOW_ALLOW_FILE_STORE=true)"]
+    return [] if file_store else check_mlflow_reachable(tracking_uri)
+
+
+# The stores MLflow tracks to, by URI scheme (its tracking store registry, MLflow 3.x); a database URI may name
+# its driver after a '+' (postgresql+psycopg2://...).
+MLFLOW_DATABASES = ("sqlite", "postgresql", "mysql", "mssql")
+MLFLOW_SERVERS = ("http", "https")
+MLFLOW_OTHERS = ("databricks", "databricks-uc", "uc")
+
+
+def check_mlflow_reachable(tracking_uri: str) -> list[str]:
+    """The tracking URI names a store MLflow knows and, where that can be seen in a second without side
+    effects, one that works: a SQLite file raycv can create, a server that answers. Tune's MLflow callback
+    opens it in the driver after Ray has started, where a bad one ended in a traceback."""
+    key = "run.mlflow.tracking_uri"
+    parsed = urlparse(tracking_uri)
+    scheme = parsed.scheme.split("+")[0]
+    if scheme == "sqlite":
+        database = tracking_uri.split("://", 1)[1].removeprefix("/")  # sqlite:///relative, sqlite:////absolute
+        if database in ("", ":memory:"):
+            return []
+        path = Path(database)
+        if path.is_dir():
+            return [f"{key}: {database} is a directory; name a database file, e.g. sqlite:///mlflow.db"]
+        if path.exists() and not path.is_file():
+            return [f"{key}: {database} is not a regular file; name a database file, e.g. sqlite:///mlflow.db"]
+        if path.is_file():
+            with path.open("rb") as handle:
+                head = handle.read(16)
+            if head and head != b"SQLite format 3\x00":
+                return [f"{key}: {database} is not a SQLite database; name a new file or an MLflow database, e.g. "
+                        "sqlite:///mlflow.db"]
+            return []
+        folder = path.absolute().parent  # SQLite creates the file, not its folder
+        try:
+            if not folder.is_dir():
+                raise FileNotFoundError(f"no folder {folder}")
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as exc:
+            return [f"{key}: cannot create the SQLite database {database} ({exc.strerror or exc}); use e.g. "
+                    "sqlite:///mlflow.db"]
         return []
-    return [f"run.mlflow.tracking_uri: {tracking_uri} is a file store, which this MLflow refuses unless "
-            "MLFLOW_ALLOW_FILE_STORE=true is set; use a database store such as sqlite:///mlflow.db (or set "
-            "MLFLOW_ALLOW_FILE_STORE=true)"]
+    if scheme in MLFLOW_SERVERS:
+        try:
+            port = parsed.port or (443 if scheme == "https" else 80)
+            socket.create_connection((parsed.hostname or "", port), timeout=5).close()
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            return [f"{key}: no MLflow server answers at {tracking_uri} ({reason}); start it "
+                    "(mlflow server --host HOST --port PORT) or use sqlite:///mlflow.db"]
+        return []
+    if scheme in MLFLOW_DATABASES + MLFLOW_OTHERS:
+        return []  # a database server or Databricks: MLflow's own client says what is wrong
+    return [f"{key}: {tracking_uri} is not a store MLflow tracks to (schemes: "
+            f"{', '.join(MLFLOW_DATABASES + MLFLOW_SERVERS + MLFLOW_OTHERS + ('file',))}); use e.g. "
+            "sqlite:///mlflow.db or http://HOST:5000"]
 
 
 def output_problems(flag: str, path: Path, files: tuple[str, ...] = (), directory: bool = False) -> list[str]:

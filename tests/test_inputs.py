@@ -252,6 +252,47 @@ def test_any_override_words(small_csv, words):
         run_cli(["validate", "space.yaml", *words, "--no-model"], cwd)
 
 
+# MLflow tracking URIs: Tune's MLflow callback opens the store in the driver after Ray has started, where a bad
+# one ended in a traceback (an unknown scheme, a SQLite file that cannot be created or is not a database).
+# Servers are on loopback ports nothing or nobody listens on: a name to resolve could wait on DNS.
+tracking_uris = st.one_of(
+    st.text(max_size=30),
+    st.builds(lambda scheme, rest: f"{scheme}://{rest}",
+              st.sampled_from(["sqlite", "sqlite:", "http", "https", "garbage", "file", "postgresql+x", ""]),
+              st.one_of(st.text(max_size=20), st.sampled_from(
+                  ["/mlflow.db", "//proc/x.db", "/folder", "/a_file/x.db", "/a_file", "/text.db", "/no/dir/m.db",
+                   "127.0.0.1:1", "127.0.0.1:99999", "[::1", "127.0.0.1:abc", "/:memory:", ""]))),
+)
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(uri=tracking_uris)
+def test_any_mlflow_tracking_uri(small_csv, uri):
+    with workdir() as cwd:
+        (cwd / "space.yaml").write_text(yaml.safe_dump(tiny_space(small_csv)))
+        (cwd / "folder").mkdir()
+        (cwd / "a_file").write_text("")
+        (cwd / "text.db").write_text("not a database")
+        run_cli(["validate", "space.yaml", "--no-model", f"run.mlflow.tracking_uri={uri!r}"], cwd)
+
+
+@pytest.mark.parametrize("uri, problem", [
+    ("garbage://x", "garbage://x is not a store MLflow tracks to"),
+    ("sqlite:////proc/x.db", "cannot create the SQLite database /proc/x.db"),
+    ("sqlite:///no/dir/m.db", "cannot create the SQLite database no/dir/m.db (no folder "),
+    ("sqlite:///text.db", "text.db is not a SQLite database"),
+    ("sqlite:///folder", "folder is a directory; name a database file"),
+    ("http://127.0.0.1:1", "no MLflow server answers at http://127.0.0.1:1 (Connection refused)"),
+    ("http://[::1", "http://[::1 is not a URI (Invalid IPv6 URL)"),
+])
+def test_a_tracking_uri_mlflow_cannot_open_is_refused_before_ray(small_csv, tmp_path, uri, problem):
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(tiny_space(small_csv)))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "text.db").write_text("not a database")
+    (line,) = lines_of(["validate", "space.yaml", "--no-model", f"run.mlflow.tracking_uri={uri}"], tmp_path)
+    assert line.startswith(f"raycv: error: space.yaml: run.mlflow.tracking_uri: {problem}"), line
+
+
 # ---------------------------------------------------------------- CSVs
 
 
