@@ -19,6 +19,7 @@ Ray's storage is reached through pyarrow's filesystems, the layer Ray itself use
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import time
@@ -231,6 +232,10 @@ def _probe_filesystem(storage_path: str) -> tuple[pyarrow.fs.FileSystem, str]:
     silent fails the probe in seconds. Every other setting (endpoint, region, credentials) is the one pyarrow
     resolves for Ray from the URI and the environment."""
     fs, base = filesystem(storage_path)
+    if isinstance(fs, pyarrow.fs.GcsFileSystem):  # Google's client retries for 15 minutes by default
+        settings = fs.__reduce__()[1][0]
+        settings["retry_time_limit"] = datetime.timedelta(seconds=PROBE_TIMEOUTS["request_timeout"] / 2)
+        return pyarrow.fs.GcsFileSystem(**settings), base
     if not isinstance(fs, pyarrow.fs.S3FileSystem):
         return fs, base
     settings = fs.__reduce__()[1][0]  # the filesystem's settings, as pickling rebuilds it

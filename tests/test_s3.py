@@ -63,6 +63,18 @@ def test_an_endpoint_that_is_down_or_silent_is_refused_in_seconds(s3, tmp_path, 
     assert problem.startswith(f"run.storage_path: cannot write to {STORAGE}: cannot reach") and "\n" not in problem
 
 
+def test_a_gcs_storage_that_cannot_be_written_is_refused_in_seconds():
+    """Ray takes gs:// too. Google's client retries for 15 minutes by default: `raycv validate` with a gs://
+    storage and no credentials (or no way to Google) sat there for minutes; the probe gives it a few seconds."""
+    from raycv import storage
+
+    started = time.monotonic()
+    problem = storage.probe("gs://raycv-no-such-bucket/runs")
+    assert time.monotonic() - started < 60
+    assert problem and problem.startswith("run.storage_path: cannot write to gs://raycv-no-such-bucket/runs: ")
+    assert "\n" not in problem
+
+
 def test_storage_writes_ride_out_an_outage_and_then_fail_in_one_line(s3, monkeypatch):
     """raycv's own reads and writes retry an endpoint that went away; past their patience, one line."""
     from raycv import storage
