@@ -88,6 +88,8 @@ def _read_csv(data: DataConfig, with_target: bool) -> pd.DataFrame:
         rows["target"] = rows["target"].astype(float)
     if problems:
         raise DataError(str(data.path), problems)
+    if rows.empty:  # a header alone: nothing to score or to train on
+        raise RaycvError(f"{data.path}: no rows under the header; nothing to {'train on' if with_target else 'score'}")
     return rows
 
 

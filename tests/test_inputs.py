@@ -676,6 +676,15 @@ def test_out_that_is_a_device_is_refused_and_left_as_it_was(finished_run, small_
     assert (after.st_mode, after.st_ino) == (before.st_mode, before.st_ino)
 
 
+def test_texts_with_a_header_and_no_rows_are_refused_as_such(finished_run, tmp_path):
+    """A header alone used to get as far as the tokenizer, whose IndexError was reported as the run's kept
+    models being cut short or edited."""
+    shutil.copytree(finished_run, tmp_path / "run")
+    (tmp_path / "test.csv").write_text("id,excerpt\n")
+    assert lines_of(["predict", "run", "--data", "test.csv", "--out", "p.csv"], tmp_path) == [
+        "raycv: error: test.csv: no rows under the header; nothing to score"]
+
+
 def test_out_through_a_link_writes_the_linked_file_and_keeps_the_link(small_csv, tmp_path):
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(tiny_space(small_csv)))
     (tmp_path / "link.csv").symlink_to(tmp_path / "real.csv")
