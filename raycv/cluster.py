@@ -13,6 +13,8 @@ import math
 import os
 import socket
 import stat
+import threading
+import time
 from pathlib import Path
 
 from raycv import RaycvError, first_line
@@ -186,3 +188,53 @@ def trial_driver_resources(cluster: dict[str, float]) -> dict[str, float]:
     if cluster.get(DRIVER_RESOURCE):
         resources[DRIVER_RESOURCE] = DRIVER_RESOURCE_SHARE
     return resources
+
+
+# ---------------------------------------------------------------- the cluster going away under a run
+
+# Ray's own patience with a GCS that stopped answering (its config gcs_rpc_server_reconnect_timeout_s, 60 s by
+# default): past it, the driver's Ray core ends the process with one log line and nothing else.
+GCS_RECONNECT_TIMEOUT_ENV = "RAY_gcs_rpc_server_reconnect_timeout_s"
+
+
+class ClusterWatch:
+    """Watches the cluster's GCS port from the driver, in a thread. A head that went away (its machine lost,
+    `ray stop` on it, the local Ray killed) leaves Ray's core retrying for gcs_rpc_server_reconnect_timeout_s
+    and then ending the driver with its own log line; a GCS that comes back within that time (GCS fault
+    tolerance) is reconnected to. Shortly before Ray's patience runs out (5/6 of it, at least 5 s before),
+    `on_lost(seconds)` runs once: what raycv says and saves before Ray ends the process. A listening port is
+    the kernel's answer, so a busy GCS still counts as there."""
+
+    def __init__(self, gcs_address: str, on_lost, poll_s: float = 2.0):
+        host, _, port = gcs_address.rpartition(":")
+        self.host, self.port, self.poll_s, self.on_lost = host, int(port), poll_s, on_lost
+        patience = float(os.environ.get(GCS_RECONNECT_TIMEOUT_ENV) or 60)
+        self.give_up_s = max(min(patience * 5 / 6, patience - 5), 1.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="raycv-cluster-watch", daemon=True)
+
+    def __enter__(self) -> ClusterWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+
+    def answers(self) -> bool:
+        try:
+            socket.create_connection((self.host, self.port), timeout=self.poll_s).close()
+            return True
+        except OSError:
+            return False
+
+    def _run(self) -> None:
+        silent_since = None
+        while not self._stop.wait(self.poll_s):
+            if self.answers():
+                silent_since = None
+                continue
+            silent_since = silent_since or time.monotonic()
+            silent_for = time.monotonic() - silent_since
+            if silent_for >= self.give_up_s and not self._stop.is_set():
+                self.on_lost(silent_for)
+                return

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import FIFOScheduler
 
 from raycv import RaycvError, first_line, storage
-from raycv.cluster import describe_workers, plan_resources, start_ray, trial_driver_resources
+from raycv.cluster import ClusterWatch, describe_workers, plan_resources, start_ray, trial_driver_resources
 from raycv.collect import (
     ENDED,
     STATUSES,
@@ -292,6 +293,7 @@ def run_sweep(config: Config, plan: Plan, address: str | None = None, resume: bo
     resume_command = f"{command} --resume" if command else "raycv tune SPACE --resume"
     previous = check_run_directory(config, output_dir, resume, resume_command)
     started = start_ray(address)
+    watch = watch_cluster(config, address, resume_command)
     try:
         gpus, concurrent = plan_resources(config, ray.cluster_resources(), joined=not started)
         config.resources.gpus_per_fold = gpus
@@ -323,8 +325,40 @@ def run_sweep(config: Config, plan: Plan, address: str | None = None, resume: bo
                 ReportRefresher.close_for(output_dir)  # before anything else writes the report
         return finish(config, plan.max_t, received, resume_command)
     finally:
+        if watch:
+            watch.__exit__()
         if started:
             ray.shutdown()
+
+
+def watch_cluster(config: Config, address: str | None, resume_command: str) -> ClusterWatch | None:
+    """A ClusterWatch on the cluster's GCS while the search runs (none through Ray Client, ray://, where the
+    driver has no GCS of its own to watch): a head that goes away ends the run as interrupted, in one line."""
+    try:
+        gcs_address = ray.get_runtime_context().gcs_address
+    except Exception:  # Ray Client: no GCS address on this side
+        return None
+    where, why = ((f"the Ray cluster at {address}", "the head node is down, or Ray was stopped there") if address else
+                  (f"the local Ray (GCS {gcs_address})", "its processes were killed: out of memory?"))
+
+    def on_lost(silent_for: float) -> None:
+        output_dir = Path(config.run.output_dir)
+        try:
+            state = load_run_state(output_dir)
+            if state is not None and state.state == "running":
+                try:
+                    mark_interrupted(state, config.run.storage_path, output_dir)  # what the storage holds
+                except Exception:
+                    mark_interrupted(state, None, output_dir)
+                save_run_state(output_dir, state)
+        finally:
+            print(f"raycv: error: lost {where}: its GCS has not answered for {silent_for:.0f} s ({why}); the run "
+                  f"is interrupted, and resumes from its checkpoints once a cluster is up: {resume_command}",
+                  file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(1)  # Ray's core would end the process moments later, with a line of its own
+
+    return ClusterWatch(gcs_address, on_lost).__enter__()
 
 
 def stop_on_storage_failure(exc: BaseException, output_dir: Path, resume_command: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -145,3 +146,40 @@ def test_a_lost_node_costs_the_points_since_the_checkpoint_not_the_trial(tmp_pat
     # The report says so: one restart, the points trained twice.
     assert (trial["restarts"], trial["points_redone"]) == (1, len(points) - NUM_POINTS)
     assert "resumed 1x from fold checkpoints" in (run_dir / "report.md").read_text()
+
+
+# ---------------------------------------------------------------- the head lost
+
+
+def test_a_lost_head_ends_the_run_as_interrupted_in_one_line(tmp_path, train_csv):
+    """The cluster's GCS goes away mid-trial (here the local Ray's, SIGKILLed; on a cluster, the head node).
+    Ray's core would wait gcs_rpc_server_reconnect_timeout_s and end the driver with a log line of its own;
+    raycv says instead what happened and how to resume, and leaves the run marked interrupted."""
+    import psutil
+
+    log_path = tmp_path / "tune.log"
+    args = ["tune", "spaces/smoke.yaml", f"data.path={train_csv}", "search.params={train.lr: {grid: [0.003]}}",
+            "scheduler.type=none"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_gcs_rpc_server_reconnect_timeout_s"] = "20"  # Ray's patience (60 s by default), for the test
+    proc = start_raycv(args, tmp_path, log_path, env=env)
+    try:
+        wait_for(lambda: "| point 1/6 |" in log_path.read_text(), proc, log_path, 300, "a first evaluation point")
+        (gcs,) = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.name() == "gcs_server"]
+        lost_at = time.monotonic()
+        gcs.kill()
+        proc.wait(timeout=120)
+        waited = time.monotonic() - lost_at
+    finally:
+        kill_group(proc)
+    out = log_path.read_text()
+    assert proc.returncode == 1, out[-3000:]
+    assert 10 <= waited < 40, waited  # 5/6 of Ray's patience, before Ray's own end
+    (line,) = [line for line in out.splitlines() if line.startswith("raycv: error:")]
+    assert line.startswith("raycv: error: lost the local Ray (GCS ") and "has not answered for" in line
+    assert line.endswith(f"resumes from its checkpoints once a cluster is up: raycv tune {' '.join(args[1:2])} "
+                         f"data.path={train_csv} 'search.params={{train.lr: {{grid: [0.003]}}}}' "
+                         "scheduler.type=none --resume")
+    assert "Traceback" not in out and "Failed to connect to GCS" not in out
+    state = json.loads((tmp_path / "runs" / "smoke" / "run.json").read_text())
+    assert state["state"] == "interrupted" and [t["status"] for t in state["trials"]] == ["interrupted"]
