@@ -334,9 +334,13 @@ def run_sweep(config: Config, plan: Plan, address: str | None = None, resume: bo
 def watch_cluster(config: Config, address: str | None, resume_command: str) -> ClusterWatch | None:
     """A ClusterWatch on the cluster's GCS while the search runs (none through Ray Client, ray://, where the
     driver has no GCS of its own to watch): a head that goes away ends the run as interrupted, in one line."""
+    from ray.util.client import ray as ray_client
+
+    if ray_client.is_connected():  # the GCS address is the server side's, maybe not reachable from here
+        return None
     try:
         gcs_address = ray.get_runtime_context().gcs_address
-    except Exception:  # Ray Client: no GCS address on this side
+    except Exception:
         return None
     where, why = ((f"the Ray cluster at {address}", "the head node is down, or Ray was stopped there") if address else
                   (f"the local Ray (GCS {gcs_address})", "its processes were killed: out of memory?"))

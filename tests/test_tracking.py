@@ -9,6 +9,7 @@ overrides: 2 trials at a time, 2 folds of 120 validation rows, 3 evaluation poin
 from __future__ import annotations
 
 import json
+import socket
 import sys
 from pathlib import Path
 
@@ -176,7 +177,11 @@ def test_a_file_store_mlflow_refuses_is_reported(monkeypatch):
     (line,) = check_mlflow_store("file:/tmp/mlruns")
     assert line.startswith("run.mlflow.tracking_uri: file:/tmp/mlruns is a file store") and "sqlite:///" in line
     assert len(check_mlflow_store("mlruns")) == 1  # a bare path is a file store too
-    assert check_mlflow_store("sqlite:///mlflow.db") == check_mlflow_store("http://127.0.0.1:5000") == []
+    with socket.socket() as server:  # a server that answers on its port
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        answering = f"http://127.0.0.1:{server.getsockname()[1]}"
+        assert check_mlflow_store("sqlite:///mlflow.db") == check_mlflow_store(answering) == []
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     assert check_mlflow_store("file:/tmp/mlruns") == []
 
