@@ -56,7 +56,7 @@ from raycv.report import write_report
 from raycv.scheduler import ResumableASHA
 from raycv.scoring import compute_baselines
 from raycv.tracking import attach_report, search_algorithm, tracking_callbacks
-from raycv.worker import train_fn_per_worker, write_trial_status
+from raycv.worker import remove_checkpoint_dirs_of, train_fn_per_worker, write_trial_status
 
 log = logging.getLogger(__name__)
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}  # the shell's 128 + signal number
@@ -323,12 +323,21 @@ def run_sweep(config: Config, plan: Plan, address: str | None = None, resume: bo
                 raise
             finally:
                 ReportRefresher.close_for(output_dir)  # before anything else writes the report
+                remove_local_checkpoint_copies(output_dir)
         return finish(config, plan.max_t, received, resume_command)
     finally:
         if watch:
             watch.__exit__()
         if started:
             ray.shutdown()
+
+
+def remove_local_checkpoint_copies(output_dir: Path) -> None:
+    """The search has ended: its trials' local checkpoint copies left on this node (by fold workers Ray ended
+    at once, before their upload finished) are garbage; the storage holds every checkpoint a resume uses."""
+    state = load_run_state(output_dir)
+    if state is not None:
+        remove_checkpoint_dirs_of({trial.trial_id for trial in state.trials})
 
 
 def watch_cluster(config: Config, address: str | None, resume_command: str) -> ClusterWatch | None:

@@ -94,7 +94,7 @@ def train_fn_per_worker(loop_config: dict) -> None:
                 reason = "; ".join(diverged)
                 write_trial_status(config.run.storage_path, trial_id, "diverged", reason)
                 say(progress.diverged_line(trial_id, point, reason))
-            report({"cv_rmse": float("nan"), "diverged": 1.0, **metrics}, point.index, None, state_name)
+            report({"cv_rmse": float("nan"), "diverged": 1.0, **metrics}, point.index, None, state_name, trial_id)
             return True
         if rank == 0:
             oof = seed_mean_table([oof_table([part for part in parts if part["seed_index"] == k])
@@ -106,7 +106,7 @@ def train_fn_per_worker(loop_config: dict) -> None:
             write_trial_files(config.run.storage_path, trial_id, oof, curve)
             say(progress.trial_line(trial_id, point, scores))
         keep = point.index == point.num_points or point.index % checkpoint_every == 0
-        report(metrics, point.index, snapshot if keep else None, state_name)
+        report(metrics, point.index, snapshot if keep else None, state_name, trial_id)
         return False
 
     train_fold(fold_config, data, device=device, num_points=loop_config["num_points"], on_eval=on_eval, state=state)
@@ -163,7 +163,7 @@ def write_trial_status(storage_path: str, trial_id: str, status: str, reason: st
     storage.write_text(storage_path, storage.trial_files(trial_id)["status"], text)
 
 
-def report(metrics: dict, eval_point: int, snapshot, state_name: str) -> None:
+def report(metrics: dict, eval_point: int, snapshot, state_name: str, trial_id: str) -> None:
     """`ray.train.report`, with this worker's checkpoint (`state_name`: its fold and seed) when `snapshot` is
     given (every worker, same point).
 
@@ -175,7 +175,7 @@ def report(metrics: dict, eval_point: int, snapshot, state_name: str) -> None:
     if snapshot is None:
         ray.train.report(metrics)
         return
-    directory = checkpoint_dir(state_name)
+    directory = checkpoint_dir(trial_id, state_name)
     torch.save(snapshot(), Path(directory) / state_name)
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                      checkpoint_dir_name=storage.checkpoint_dir_name(eval_point),
@@ -187,16 +187,20 @@ def report(metrics: dict, eval_point: int, snapshot, state_name: str) -> None:
 # A fold's state goes to a local directory, which Ray Train deletes once it has copied it into the run's storage
 # (in the background). A worker stopped before the copy is done (ASHA stopping its trial, the end of a search,
 # Ctrl-C, a lost node) would leave it behind in the node's temp directory: a few GB for a large model, each
-# time. The directories carry the pid of the worker that made them, so they can be found and removed.
+# time. The directories are named by trial and by the pid of the worker that made them, so they can be found
+# and removed: by the worker as it leaves, by the run's driver once the search ends (on its node), or by a
+# later fold worker on the node once they are old.
 CHECKPOINT_DIR_PREFIX = "raycv-ckpt-"
+CHECKPOINT_DIR_NAME = re.compile(rf"{re.escape(CHECKPOINT_DIR_PREFIX)}(?P<trial>.+)-p(?P<pid>\d+)-")
 _made_here: set[str] = set()  # this process's checkpoint directories not yet known to be deleted
 
 
-def checkpoint_dir(state_name: str) -> str:
-    """A fresh local directory for this worker's fold state at one point, named by pid and fold (and seed)."""
+def checkpoint_dir(trial_id: str, state_name: str) -> str:
+    """A fresh local directory for this worker's fold state at one point, named by trial, pid and fold (and
+    seed)."""
     _made_here.difference_update({d for d in _made_here if not os.path.exists(d)})  # copied and deleted
     tag = state_name.removesuffix(".pt").replace("_", "")
-    directory = tempfile.mkdtemp(prefix=f"{CHECKPOINT_DIR_PREFIX}{os.getpid()}-{tag}-")
+    directory = tempfile.mkdtemp(prefix=f"{CHECKPOINT_DIR_PREFIX}{trial_id}-p{os.getpid()}-{tag}-")
     _made_here.add(directory)
     return directory
 
@@ -214,14 +218,28 @@ def remove_orphaned_checkpoint_dirs(min_age_s: float = 3600.0) -> None:
     root = tempfile.gettempdir()
     with os.scandir(root) as entries:
         for entry in entries:
-            match = re.match(rf"{re.escape(CHECKPOINT_DIR_PREFIX)}(\d+)-", entry.name)
-            if not match or not entry.is_dir(follow_symlinks=False) or _pid_alive(int(match.group(1))):
+            match = CHECKPOINT_DIR_NAME.match(entry.name)
+            if not match or not entry.is_dir(follow_symlinks=False) or _pid_alive(int(match["pid"])):
                 continue
             try:
                 if time.time() - entry.stat(follow_symlinks=False).st_mtime >= min_age_s:
                     shutil.rmtree(entry.path, ignore_errors=True)
             except OSError:
                 continue
+
+
+def remove_checkpoint_dirs_of(trial_ids: set[str]) -> int:
+    """This node's checkpoint directories of these trials, whichever worker made them: what the run's driver
+    calls once its search has ended (every trial of it ended or interrupted: none is still uploading, and a
+    worker that Ray ended at once, without Python's exit, could not remove its own). Returns how many."""
+    removed = 0
+    with os.scandir(tempfile.gettempdir()) as entries:
+        for entry in entries:
+            match = CHECKPOINT_DIR_NAME.match(entry.name)
+            if match and match["trial"] in trial_ids and entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed += 1
+    return removed
 
 
 def _pid_alive(pid: int) -> bool:

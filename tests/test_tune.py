@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from raycv.worker import CHECKPOINT_DIR_NAME
+
 from helpers import REPO_DIR, cluster_processes, die_with_pytest, kill_group, pooled_rmse, run_raycv
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1500)]
@@ -33,6 +35,10 @@ def test_run_prints_dashboard_summary_and_report_path(smoke_run):
     assert everything.count("| cv_rmse_last ") >= 2 * 6 + 2 * 2  # one progress line per trial and evaluation point
     assert "Reporting training result" not in everything  # Ray Train's per-report INFO lines are quieted
     assert "Fatal Python error" not in everything and "SIGABRT" not in everything  # stopped workers leave quietly
+    trials = {t["trial_id"] for t in smoke_run["report"]["trials"]}
+    left = [p.name for p in Path(tempfile.gettempdir()).glob("raycv-ckpt-*")
+            if (match := CHECKPOINT_DIR_NAME.match(p.name)) and match["trial"] in trials]
+    assert not left, left  # no local checkpoint copy of the run's trials is left on the node
 
 
 def test_a_search_beside_another_ray_instance_finds_its_own_cluster(smoke_run):
@@ -261,7 +267,7 @@ STOPPED_MID_STEP = textwrap.dedent("""
             def train():
                 if as_raycv:
                     worker.mark_training_thread()
-                    found["copy"] = worker.checkpoint_dir("fold_0.pt")
+                    found["copy"] = worker.checkpoint_dir("t_00000", "fold_0.pt")
                 q = torch.randn(4, 2, 128, 32)
                 ready.set()
                 while True:
@@ -330,10 +336,10 @@ def test_checkpoint_copies_of_killed_workers_are_removed_once_old(tmp_path, monk
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(gone.stdout)
-    dead = tmp_path / f"{worker.CHECKPOINT_DIR_PREFIX}{dead_pid}-fold1-abc"
+    dead = tmp_path / f"{worker.CHECKPOINT_DIR_PREFIX}a1b2c_00001-p{dead_pid}-fold1-abc"
     (dead / "fold_1.pt").parent.mkdir()
     (dead / "fold_1.pt").write_bytes(b"x")
-    mine = Path(worker.checkpoint_dir("fold_0.pt"))
+    mine = Path(worker.checkpoint_dir("a1b2c_00002", "fold_0.pt"))
     other = tmp_path / "raycv-something-else"
     other.mkdir()
     worker.remove_orphaned_checkpoint_dirs()  # an hour: too young to be an orphan
@@ -342,3 +348,9 @@ def test_checkpoint_copies_of_killed_workers_are_removed_once_old(tmp_path, monk
     assert not dead.exists() and mine.exists() and other.exists()
     worker.remove_checkpoint_dirs_made_here()
     assert not mine.exists()
+    # Once a search ends, its driver removes its trials' copies on its node, whoever made them.
+    theirs = Path(worker.checkpoint_dir("a1b2c_00003", "fold_2.pt"))
+    worker._made_here.clear()  # as if another process had made it
+    others = Path(worker.checkpoint_dir("ffff0_00003", "fold_2.pt"))
+    assert worker.remove_checkpoint_dirs_of({"a1b2c_00003", "a1b2c_00001"}) == 1
+    assert not theirs.exists() and others.exists() and other.exists()
