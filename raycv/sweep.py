@@ -364,6 +364,7 @@ def watch_cluster(config: Config, address: str | None, resume_command: str) -> C
                 except Exception:
                     mark_interrupted(state, None, output_dir)
                 save_run_state(output_dir, state)
+                remove_checkpoint_dirs_of({trial.trial_id for trial in state.trials})  # their uploads died too
         finally:
             print(f"raycv: error: lost {where}: its GCS has not answered for {silent_for:.0f} s ({why}); the run "
                   f"is interrupted, and resumes from its checkpoints once a cluster is up: {resume_command}",

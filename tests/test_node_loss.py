@@ -18,7 +18,9 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -183,3 +185,5 @@ def test_a_lost_head_ends_the_run_as_interrupted_in_one_line(tmp_path, train_csv
     assert "Traceback" not in out and "Failed to connect to GCS" not in out
     state = json.loads((tmp_path / "runs" / "smoke" / "run.json").read_text())
     assert state["state"] == "interrupted" and [t["status"] for t in state["trials"]] == ["interrupted"]
+    (trial,) = state["trials"]
+    assert not list(Path(tempfile.gettempdir()).glob(f"raycv-ckpt-{trial['trial_id']}-p*"))  # no local copy left
