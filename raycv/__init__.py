@@ -6,7 +6,14 @@ Tune) -> collect (out-of-fold predictions) -> report; below them all, storage (t
 (RMSEs), and progress (the two progress lines).
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
 __version__ = "0.1.0"
+
+T = TypeVar("T")
 
 
 class RaycvError(Exception):
@@ -18,3 +25,13 @@ def first_line(exc: BaseException) -> str:
     the message is empty (an empty file makes torch and others raise with no text)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
+
+
+def attempt(problems: list[str], step: Callable[[], T]) -> T | None:
+    """step(), or None with its problems added to `problems` (one line each, naming their file): a command
+    checks all its inputs before it refuses them, so every problem is reported at once."""
+    try:
+        return step()
+    except RaycvError as exc:  # a ConfigError or DataError holds several problems
+        problems += exc.lines() if hasattr(exc, "lines") else [str(exc)]
+    return None

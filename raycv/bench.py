@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from raycv import RaycvError
+from raycv import RaycvError, attempt
 from raycv.config import Config
 from raycv.data import bucketed_batches, encode_folds, useful_token_fraction
 from raycv.model import autocast_dtype, build_model, load_tokenizer, param_groups
@@ -746,11 +746,7 @@ def check_arguments(quick: bool, gpu: bool, out: str, data: str | None,
                         f"{peak_tflops:g}; e.g. --peak-tflops 989 (an H100)")
     problems += output_problems("--out", Path(out))
     space = "smoke.yaml" if (quick or gpu) else "minilm_cpu.yaml"
-    try:
-        config = load_config(space, [f"data.path={data}"] if data else [])
-    except RaycvError as exc:  # a ConfigError or DataError holds several problems
-        problems += exc.lines() if hasattr(exc, "lines") else [str(exc)]
-        config = None
+    config = attempt(problems, lambda: load_config(space, [f"data.path={data}"] if data else []))
     return problems, config
 
 

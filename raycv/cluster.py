@@ -213,11 +213,11 @@ class ClusterWatch:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="raycv-cluster-watch", daemon=True)
 
-    def __enter__(self) -> ClusterWatch:
+    def start(self) -> ClusterWatch:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def stop(self) -> None:
         self._stop.set()
 
     def answers(self) -> bool:

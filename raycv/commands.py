@@ -6,19 +6,15 @@ Human output lives here (and in the Tune driver): the library modules only log.
 from __future__ import annotations
 
 import shlex
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import pandas as pd
 
-from raycv import RaycvError
+from raycv import RaycvError, attempt
 from raycv.config import dump_yaml
 from raycv.spaces import BUNDLED_SPACES_DIR, ConfigError, list_spaces, load_config, resolve_space_path
 from raycv.storage import write_atomic, write_text_atomic
-
-T = TypeVar("T")
 
 
 def validate(args) -> int:
@@ -198,16 +194,6 @@ def predict(args) -> int:
 # ---------------------------------------------------------------- every problem at once
 
 FOLD_FILES = ("predictions.csv", "curve.csv", "resolved_config.yaml")  # what train-fold writes in its --out-dir
-
-
-def attempt(problems: list[str], step: Callable[[], T]) -> T | None:
-    """step(), or None with its problems added to `problems` (one line each, naming their file): a command
-    checks all its inputs before it refuses them, so every problem is reported at once."""
-    try:
-        return step()
-    except RaycvError as exc:  # a ConfigError or DataError holds several problems
-        problems += exc.lines() if hasattr(exc, "lines") else [str(exc)]
-    return None
 
 
 def bench(args) -> int:

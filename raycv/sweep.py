@@ -327,7 +327,7 @@ def run_sweep(config: Config, plan: Plan, address: str | None = None, resume: bo
         return finish(config, plan.max_t, received, resume_command)
     finally:
         if watch:
-            watch.__exit__()
+            watch.stop()
         if started:
             ray.shutdown()
 
@@ -372,7 +372,7 @@ def watch_cluster(config: Config, address: str | None, resume_command: str) -> C
             sys.stdout.flush()
             os._exit(1)  # Ray's core would end the process moments later, with a line of its own
 
-    return ClusterWatch(gcs_address, on_lost).__enter__()
+    return ClusterWatch(gcs_address, on_lost).start()
 
 
 def stop_on_storage_failure(exc: BaseException, output_dir: Path, resume_command: str) -> None:
