@@ -211,21 +211,27 @@ def remove_checkpoint_dirs_made_here() -> None:
     _made_here.clear()
 
 
+def _checkpoint_dirs_here():
+    """(entry, name match) of every raycv checkpoint directory in this node's temp directory."""
+    with os.scandir(tempfile.gettempdir()) as entries:
+        for entry in entries:
+            match = CHECKPOINT_DIR_NAME.match(entry.name)
+            if match and entry.is_dir(follow_symlinks=False):
+                yield entry, match
+
+
 def remove_orphaned_checkpoint_dirs(min_age_s: float = 3600.0) -> None:
     """Checkpoint directories in this node's temp directory whose worker is gone (SIGKILLed: out of memory, a
     lost node) and which are at least `min_age_s` old (a pid seen from another PID namespace sharing the temp
     directory would look gone: the age keeps its live uploads)."""
-    root = tempfile.gettempdir()
-    with os.scandir(root) as entries:
-        for entry in entries:
-            match = CHECKPOINT_DIR_NAME.match(entry.name)
-            if not match or not entry.is_dir(follow_symlinks=False) or _pid_alive(int(match["pid"])):
-                continue
-            try:
-                if time.time() - entry.stat(follow_symlinks=False).st_mtime >= min_age_s:
-                    shutil.rmtree(entry.path, ignore_errors=True)
-            except OSError:
-                continue
+    for entry, match in _checkpoint_dirs_here():
+        if _pid_alive(int(match["pid"])):
+            continue
+        try:
+            if time.time() - entry.stat(follow_symlinks=False).st_mtime >= min_age_s:
+                shutil.rmtree(entry.path, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def remove_checkpoint_dirs_of(trial_ids: set[str]) -> int:
@@ -233,22 +239,20 @@ def remove_checkpoint_dirs_of(trial_ids: set[str]) -> int:
     calls once its search has ended (every trial of it ended or interrupted: none is still uploading, and a
     worker that Ray ended at once, without Python's exit, could not remove its own). Returns how many."""
     removed = 0
-    with os.scandir(tempfile.gettempdir()) as entries:
-        for entry in entries:
-            match = CHECKPOINT_DIR_NAME.match(entry.name)
-            if match and match["trial"] in trial_ids and entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
-                removed += 1
+    for entry, match in _checkpoint_dirs_here():
+        if match["trial"] in trial_ids:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed += 1
     return removed
 
 
 def _pid_alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # PermissionError: alive, another user's
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 
