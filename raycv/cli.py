@@ -36,12 +36,13 @@ def _space_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. train.lr=3e-5")
 
 
-def _address(value: str) -> str:
-    """--address: an empty one (an unset variable in `--address "$HEAD"`) is a mistake, not a local Ray."""
+def _address(value: str) -> str | None:
+    """--address: an empty one (an unset variable in `--address "$HEAD"`) is a mistake, not a local Ray;
+    "local" is a new local Ray, as for ray.init (the same as no --address)."""
     if not value.strip():
         raise argparse.ArgumentTypeError("empty; give the cluster's address (auto, HOST:6379 or ray://HOST:10001), "
                                          "or leave --address out for a local Ray")
-    return value
+    return None if value == "local" else value
 
 
 def build_parser() -> Parser:

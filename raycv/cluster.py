@@ -40,6 +40,29 @@ def use_token_auth(address: str | None) -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
+ADDRESS_FORMS = "auto, HOST:6379 (the head's GCS) or ray://HOST:10001 (Ray Client)"
+
+
+def address_problem(address: str, where: str = "--address") -> str | None:
+    """Why `address` (--address, or RAY_ADDRESS as `where`) is no address Ray can join, or None: "auto",
+    HOST:PORT or ray://HOST:PORT. A dashboard's http:// address (what `ray job submit` takes, and Ray's docs
+    have users export as RAY_ADDRESS) ended in ray.init's many-line error; a malformed one in a traceback."""
+    if address in ("auto", "local"):
+        return None
+    scheme, sep, rest = address.partition("://")
+    if sep and scheme in ("http", "https"):
+        return (f"{where} {address} is a dashboard address (the Jobs API's, for `ray job submit`); raycv tune "
+                f"joins a cluster at {ADDRESS_FORMS}")
+    if sep and scheme != "ray":
+        return f"{where} {address}: unknown scheme {scheme}://; give {ADDRESS_FORMS}"
+    host, colon, port = (rest if sep else address).rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")  # [::1]:6379
+    if not colon or not host or any(c.isspace() or c in "/?#@" for c in host) or not port.isdigit() \
+            or not 0 < int(port) < 65536:
+        return f"{where} {address} is not HOST:PORT; give {ADDRESS_FORMS}"
+    return None
+
+
 def start_ray(address: str | None) -> bool:
     """Join the cluster at `address` (or RAY_ADDRESS); else start a local Ray. True if we started it.
 
@@ -50,11 +73,14 @@ def start_ray(address: str | None) -> bool:
     die with "Found multiple active Ray instances", leaving a finished trial's placement group in place
     and the next trial's workers waiting forever."""
     use_token_auth(address)
+    where = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS")
+    if address == "local":  # as for ray.init: a new local Ray
+        address = None
     import ray
 
     if address:
-        _check_reachable(address)
+        _check_reachable(address, where)
         try:
             context = ray.init(address=address, runtime_env=_job_env(_bootstrap_address(address)))
         except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -105,16 +131,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _check_reachable(address: str) -> None:
-    """Fail fast on a host:port nobody listens on: ray.init would retry it for minutes."""
-    host, sep, port = address.rpartition(":")
-    if "://" in address or not sep or not port.isdigit():
-        return  # "auto", ray://..., or a form Ray resolves itself
+def _check_reachable(address: str, where: str = "--address") -> None:
+    """Fail fast on a host:port nobody listens on: ray.init would retry it for minutes (a Ray Client address
+    for as long as its connection timeout)."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if "://" in address.removeprefix("ray://") or not sep or not port.isdigit():
+        return  # "auto", or a form Ray resolves itself
     try:
-        socket.create_connection((host, int(port)), timeout=10).close()
+        socket.create_connection((host.removeprefix("[").removesuffix("]"), int(port)), timeout=10).close()
     except OSError as exc:
         raise RaycvError(f"cannot join the Ray cluster at {address}: nothing answers there ({exc.strerror or exc}); "
-                         "start it with `ray start --head` or check --address") from None
+                         f"start it with `ray start --head` or check {where}") from None
 
 
 def token_path() -> Path:

@@ -5,6 +5,7 @@ Human output lives here (and in the Tune driver): the library modules only log.
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 
@@ -150,11 +151,16 @@ def convert_structbert(args) -> int:
 
 
 def tune(args) -> int:
-    from raycv.cluster import use_token_auth
+    from raycv.cluster import address_problem, use_token_auth
     from raycv.preflight import preflight
 
-    config = load_config(args.space, args.overrides)
-    plan = preflight(config, str(resolve_space_path(args.space)))  # before Ray, or a GPU, starts
+    address, where = (args.address, "--address") if args.address else (os.environ.get("RAY_ADDRESS"), "RAY_ADDRESS")
+    problems = [problem] if address and (problem := address_problem(address, where)) else []
+    config = attempt(problems, lambda: load_config(args.space, args.overrides))
+    # before Ray, or a GPU, starts
+    plan = attempt(problems, lambda: preflight(config, str(resolve_space_path(args.space)))) if config else None
+    if problems:
+        raise ConfigError(None, problems)
     use_token_auth(args.address)
     from raycv.sweep import run_sweep  # imports Ray, which reads the authentication mode as it loads
 

@@ -50,10 +50,12 @@ class StructBertBackbone(Section):
 
 class TinyBackbone(Section):
     type: Literal["tiny"]  # a small random BERT, for tests and smoke runs
-    hidden_size: int = Field(32, ge=4)  # width of every layer; a multiple of num_heads
-    num_layers: int = Field(2, ge=1)  # encoder layers
-    num_heads: int = Field(2, ge=1)  # attention heads per layer
-    intermediate_size: int = Field(64, ge=4)  # width of each layer's feed-forward block
+    # At most BERT-large's sizes: a tiny model is for tests and smoke runs, and a larger one would be built (and
+    # allocated) in full by `raycv validate` and every fold worker.
+    hidden_size: int = Field(32, ge=4, le=1024)  # width of every layer; a multiple of num_heads
+    num_layers: int = Field(2, ge=1, le=24)  # encoder layers
+    num_heads: int = Field(2, ge=1, le=64)  # attention heads per layer
+    intermediate_size: int = Field(64, ge=4, le=4096)  # width of each layer's feed-forward block
     tokenizer: str = MINILM_ALIAS  # a transformers directory with a fast tokenizer, or hub:NAME
 
     @model_validator(mode="after")

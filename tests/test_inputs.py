@@ -32,7 +32,8 @@ from hypothesis import strategies as st
 
 from raycv import model as raycv_model
 from raycv import preflight as raycv_preflight
-from raycv.cli import main
+from raycv.cli import main, one_line
+from raycv.cluster import address_problem
 from raycv.config import LEAF_KEYS, dump_yaml
 from raycv.model import minilm_dir
 
@@ -291,6 +292,66 @@ def test_a_tracking_uri_mlflow_cannot_open_is_refused_before_ray(small_csv, tmp_
     (tmp_path / "text.db").write_text("not a database")
     (line,) = lines_of(["validate", "space.yaml", "--no-model", f"run.mlflow.tracking_uri={uri}"], tmp_path)
     assert line.startswith(f"raycv: error: space.yaml: run.mlflow.tracking_uri: {problem}"), line
+
+
+# ---------------------------------------------------------------- cluster addresses
+
+# --address and RAY_ADDRESS: a malformed one ended in a traceback logged by ray.init (`:`), a dashboard's
+# http:// one (what `ray job submit` takes) in Ray's many-line error, `local` in a run that took its own local
+# Ray for a cluster it then reported lost. Each example also carries a bad override: the address is checked
+# with the config, every problem at once, and nothing starts Ray.
+addresses = st.one_of(
+    st.text(max_size=24),
+    st.builds(lambda scheme, host, port: f"{scheme}{host}{port}",
+              st.sampled_from(["", "", "ray://", "http://", "https://", "gs://", "ray:/", "://"]),
+              st.sampled_from(["", "127.0.0.1", "[::1]", "::1", "head node", "h/x", "auto", "local", "localhost"]),
+              st.sampled_from(["", ":", ":6379", ":0", ":99999", ":abc", ":10001/x", ":-1"])),
+)
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(address=addresses, from_env=st.booleans())
+def test_any_cluster_address(small_csv, address, from_env):
+    with workdir() as cwd, pytest.MonkeyPatch.context() as patch:
+        (cwd / "space.yaml").write_text(yaml.safe_dump(tiny_space(small_csv)))
+        patch.delenv("RAY_ADDRESS", raising=False)
+        if from_env:
+            patch.setenv("RAY_ADDRESS", address)
+        argv = ["tune", "space.yaml", "train.epochs=abc"] + ([] if from_env else [f"--address={address}"])
+        code, _, err = run_cli(argv, cwd)
+        if not (from_env or address.strip()):
+            assert code == 2 and "argument --address: empty" in err  # an unset variable in --address "$HEAD"
+            return
+        refused = address and address_problem(address, "RAY_ADDRESS" if from_env else "--address")
+        assert code == 2 and "train.epochs" in err, err
+        assert not refused or f"raycv: error: {one_line(refused)}\n" in err, err  # with the config's, at once
+
+
+@pytest.mark.parametrize("address, problem", [
+    (":", "--address : is not HOST:PORT; give auto, HOST:6379 (the head's GCS) or ray://HOST:10001 (Ray Client)"),
+    ("ray://", "--address ray:// is not HOST:PORT; give auto,"),
+    ("http://127.0.0.1:8265", "--address http://127.0.0.1:8265 is a dashboard address (the Jobs API's, for `ray job "
+                              "submit`); raycv tune joins a cluster at auto, HOST:6379"),
+    ("gs://bucket:1", "--address gs://bucket:1: unknown scheme gs://; give auto,"),
+])
+def test_an_address_ray_cannot_join_is_one_line_with_the_forms_it_can(small_csv, tmp_path, address, problem,
+                                                                       monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(tiny_space(small_csv)))
+    lines = lines_of(["tune", "space.yaml", "--address", address, "train.epochs=abc"], tmp_path)
+    assert len(lines) == 2 and lines[0].startswith(f"raycv: error: {problem}"), lines
+    assert "train.epochs" in lines[1]
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    (line, _) = lines_of(["tune", "space.yaml", "train.epochs=abc"], tmp_path)
+    assert line.startswith(f"raycv: error: {problem.replace('--address', 'RAY_ADDRESS', 1)}"), line
+
+
+def test_address_local_is_a_local_ray_as_for_ray_init():
+    from raycv.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["tune", "space.yaml", "--address", "local"]).address is None
+    assert parse(["tune", "space.yaml", "--address", "auto"]).address == "auto"
 
 
 # ---------------------------------------------------------------- CSVs
@@ -589,6 +650,17 @@ def lines_of(argv, cwd) -> list[str]:
     code, _, err = run_cli(argv, cwd)
     assert code == 2
     return err.splitlines()
+
+
+@pytest.mark.parametrize("key, value, bound", [("hidden_size", 10**11, 1024), ("num_layers", 10**5, 24),
+                                               ("num_heads", 512, 64), ("intermediate_size", 10**9, 4096)])
+def test_a_tiny_backbone_larger_than_bert_large_is_one_line(small_csv, tmp_path, key, value, bound):
+    """validate builds the model: 10**11 wide ended in a traceback from torch's allocator, 10**5 layers in
+    minutes of building them."""
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(tiny_space(small_csv)))
+    (line,) = lines_of(["validate", "space.yaml", f"model.backbone.{key}={value}"], tmp_path)
+    assert line == (f"raycv: error: space.yaml: model.backbone.{key}: Input should be less than or equal to {bound}, "
+                    f"found {value}")
 
 
 def test_a_space_that_is_not_utf8_is_one_line(tmp_path):
