@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 from raycv import RaycvError, first_line
 from raycv.config import (
     BACKBONE_TYPES,
+    DISTRIBUTIONS,
     HUB_PREFIX,
     LEAF_KEYS,
     MINILM_ALIAS,
@@ -139,10 +140,34 @@ def decode_text(data: bytes) -> str:
                          f"{line} ({exc.reason}); save the file as UTF-8") from None
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping, as YAML's spec does: PyYAML keeps the
+    last one silently, so `num_folds: 5` followed further down by `num_folds: 3` ran 3 folds unsaid. Keys a
+    merge (`<<: *base`) brings in may still be overridden."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: PyYAML's own error says so
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice (first on line {first}); keep one",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def parse_yaml(text: str):
     """yaml.safe_load, its errors as one-line ValueErrors: what is wrong and on which line."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 -- a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -210,6 +235,10 @@ def describe_errors(errors: ValidationError | list[dict]) -> list[str]:
             known = list(BACKBONE_TYPES[tag].model_fields) if tag else _known_keys(loc[:-1])
             hint = difflib.get_close_matches(loc[-1], known, n=1)
             fix = f"did you mean {'.'.join(loc[:-1] + hint)}?" if hint else f"known keys: {', '.join(known)}"
+            if loc[:2] == ["search", "params"] and len(loc) == 4 and "." not in loc[2]:
+                # search.params.train.lr={grid: [..]}, or nested YAML: the searched key was split in two
+                fix = (f"a searched key is one dotted key: search.params={{{loc[2]}.{loc[3]}: {{grid: [...]}}}} "
+                       f"(the samplers: {', '.join(DISTRIBUTIONS)})")
             lines.append(f"{'.'.join(loc)}: unknown key; {fix}")
         else:
             found = "" if isinstance(err.get("input"), dict) else f", found {err.get('input')!r}"
@@ -227,7 +256,10 @@ def _loc_and_tag(err: dict) -> tuple[list[str], str | None]:
 
 
 def _known_keys(parent: list[str]) -> list[str]:
-    """The keys one level below a section (the top for []), in declaration order."""
+    """The keys one level below a section (the top for []), in declaration order; below a searched key
+    (search.params.KEY), its samplers."""
+    if parent[:2] == ["search", "params"] and len(parent) == 3:
+        return list(DISTRIBUTIONS)
     prefix = "".join(f"{part}." for part in parent)
     return list(dict.fromkeys(key[len(prefix):].split(".")[0] for key in LEAF_KEYS if key.startswith(prefix)))
 

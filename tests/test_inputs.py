@@ -215,6 +215,11 @@ def space_bytes(draw, data_path: Path) -> bytes:
     if isinstance(document, dict) and isinstance(document.get("data"), dict) and document["data"].get("path") == "DATA":
         document["data"]["path"] = str(data_path)
     text = yaml.safe_dump(document, allow_unicode=True, sort_keys=False)
+    lines = text.splitlines(keepends=True)
+    if lines and draw(st.integers(0, 4)) == 0:  # a line given twice: a key repeated, or the structure broken
+        at = draw(st.integers(0, len(lines) - 1))
+        lines.insert(draw(st.integers(at + 1, len(lines))), lines[at])
+        text = "".join(lines)
     if draw(st.booleans()):
         text += f"# {draw(st.text(max_size=8))}\n"  # a comment with any characters, é included
     raw = encode(text, draw(encodings))
@@ -661,6 +666,37 @@ def test_a_tiny_backbone_larger_than_bert_large_is_one_line(small_csv, tmp_path,
     (line,) = lines_of(["validate", "space.yaml", f"model.backbone.{key}={value}"], tmp_path)
     assert line == (f"raycv: error: space.yaml: model.backbone.{key}: Input should be less than or equal to {bound}, "
                     f"found {value}")
+
+
+def test_a_key_given_twice_is_one_line_naming_both_lines(small_csv, tmp_path):
+    """PyYAML keeps the last of two equal keys: the first num_folds was dropped unsaid."""
+    text = yaml.safe_dump(tiny_space(small_csv), sort_keys=False).replace("  num_folds: 2\n",
+                                                                         "  num_folds: 2\n  num_folds: 3\n")
+    (tmp_path / "space.yaml").write_text(text)
+    line = text.splitlines().index("  num_folds: 3") + 1
+    assert lines_of(["validate", "space.yaml", "--no-model"], tmp_path) == [
+        f"raycv: error: space.yaml: not valid YAML at line {line}: key 'num_folds' is given twice (first on line "
+        f"{line - 1}); keep one"]
+    (tmp_path / "space.yaml").write_text(text.replace("  num_folds: 3\n", ""))
+    assert lines_of(["validate", "space.yaml", "--no-model", "search.params={train.lr: {grid: [1e-3]}, "
+                     "train.lr: {grid: [1e-4]}}"], tmp_path) == [
+        "raycv: error: space.yaml: override 'search.params={train.lr: {grid: [1e-3]}, train.lr: {grid: [1e-4]}}': "
+        "not valid YAML at line 1: key 'train.lr' is given twice (first on line 1); keep one"]
+
+
+@pytest.mark.parametrize("override, fix", [
+    ("search.params.train.lr={grid: [0.001]}", "search.params.train.lr: unknown key; a searched key is one dotted "
+     "key: search.params={train.lr: {grid: [...]}} (the samplers: choice, grid, uniform, loguniform, randint)"),
+    ("search.params={train.lr: {quniform: [0.001, 0.01, 0.001]}}",
+     "search.params.train.lr.quniform: unknown key; did you mean search.params.train.lr.uniform?"),
+    ("search.params={train.lr: {qq: 1}}", "search.params.train.lr.qq: unknown key; known keys: choice, grid, "
+     "uniform, loguniform, randint"),
+])
+def test_a_sampler_raycv_does_not_know_names_those_it_does(small_csv, tmp_path, override, fix):
+    """Below a searched key the known keys are the samplers: the line listed none."""
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(tiny_space(small_csv)))
+    assert lines_of(["validate", "space.yaml", "--no-model", override], tmp_path) == [
+        f"raycv: error: space.yaml: {fix}"]
 
 
 def test_a_space_that_is_not_utf8_is_one_line(tmp_path):
