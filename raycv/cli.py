@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from importlib import metadata
 
@@ -108,9 +109,19 @@ def one_line(problem: str) -> str:
     return problem.translate(LINE_BREAKS)
 
 
+def working_folder() -> str:
+    """The working folder, which every relative path is read against; in a folder that was deleted (or
+    moved away) `import torch` ended the command with "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so"."""
+    try:
+        return os.getcwd()
+    except FileNotFoundError:
+        raise RaycvError("the working folder no longer exists (deleted or moved away); cd to one that does") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        working_folder()
         parser = build_parser()
         # argparse hands a key=value given after an option (`--fold 0 train.lr=3e-5`) back as unrecognised;
         # those are overrides too, in command-line order.

@@ -35,6 +35,16 @@ class DataConfig(Section):
     num_bins: int | None = Field(None, ge=2)  # target bins for stratification; None: floor(1 + log2 N)
     max_rows: int | None = Field(None, ge=20)  # stratified sample of this many rows for quick runs; None: all
 
+    @model_validator(mode="after")
+    def _three_columns(self):
+        roles = {"id_column": self.id_column, "text_column": self.text_column, "target_column": self.target_column}
+        shared = [role for role, column in roles.items() if list(roles.values()).count(column) > 1]
+        if shared:  # texts as ids, or ids as texts, "worked"; targets as texts gave a message about targets
+            keys = [f"data.{role}" for role in shared]
+            raise ValueError(f"{', '.join(keys[:-1])} and {keys[-1]} name the same column ({roles[shared[0]]}); "
+                             "ids, texts and targets are three columns of the CSV")
+        return self
+
 
 class PretrainedBackbone(Section):
     type: Literal["pretrained"]  # a pretrained transformers model

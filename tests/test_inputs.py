@@ -699,6 +699,33 @@ def test_a_sampler_raycv_does_not_know_names_those_it_does(small_csv, tmp_path, 
         f"raycv: error: space.yaml: {fix}"]
 
 
+@pytest.mark.parametrize("overrides, roles, column", [
+    (["data.id_column=excerpt"], "data.id_column and data.text_column", "excerpt"),
+    (["data.text_column=id"], "data.id_column and data.text_column", "id"),
+    (["data.text_column=target"], "data.text_column and data.target_column", "target"),
+    (["data.id_column=x", "data.text_column=x", "data.target_column=x"],
+     "data.id_column, data.text_column and data.target_column", "x"),
+])
+def test_one_column_in_two_roles_is_one_line(small_csv, tmp_path, overrides, roles, column):
+    """Ids as texts (or texts as ids) trained unsaid; targets as texts were blamed on the targets."""
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(tiny_space(small_csv)))
+    assert lines_of(["validate", "space.yaml", "--no-model", *overrides], tmp_path) == [
+        f"raycv: error: space.yaml: data: {roles} name the same column ({column}); ids, texts and targets are "
+        "three columns of the CSV"]
+
+
+def test_a_working_folder_that_was_deleted_is_one_line(tmp_path):
+    """`import torch` there ended in "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so"."""
+    import subprocess
+    import sys
+
+    script = f"mkdir gone && cd gone && rmdir ../gone && exec {sys.executable} -m raycv.cli validate spaces/smoke.yaml"
+    proc = subprocess.run(["sh", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == ("raycv: error: the working folder no longer exists (deleted or moved away); cd to one "
+                           "that does\n")
+
+
 def test_a_space_that_is_not_utf8_is_one_line(tmp_path):
     (tmp_path / "space.yaml").write_bytes(b"data:\n  path: caf\xe9.csv\n")
     assert lines_of(["validate", "space.yaml"], tmp_path) == [
