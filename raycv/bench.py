@@ -735,7 +735,7 @@ def check_arguments(quick: bool, gpu: bool, out: str, data: str | None,
                     peak_tflops: float | None) -> tuple[list[str], Config | None]:
     """Every problem with bench's command line, one line each, before minutes of measuring; and the config of
     the space it measures (None where that is one of the problems: bad data is one line, exit 2)."""
-    from raycv.preflight import output_problems
+    from raycv.preflight import output_problems, replaces_an_input
 
     problems = []
     if gpu and not torch.cuda.is_available():
@@ -747,6 +747,7 @@ def check_arguments(quick: bool, gpu: bool, out: str, data: str | None,
     problems += output_problems("--out", Path(out))
     space = "smoke.yaml" if (quick or gpu) else "minilm_cpu.yaml"
     config = attempt(problems, lambda: load_config(space, [f"data.path={data}"] if data else []))
+    problems += replaces_an_input("--out", Path(out), {"--data": config.data.path}) if config else []
     return problems, config
 
 

@@ -94,11 +94,12 @@ def spaces(args) -> int:
 
 def folds(args) -> int:
     from raycv.data import load_folds
-    from raycv.preflight import output_problems
+    from raycv.preflight import output_problems, replaces_an_input
 
     out = Path(args.out)
     problems = output_problems("--out", out)
     config = attempt(problems, lambda: load_config(args.space, args.overrides, model_files=False))  # data only
+    problems += replaces_an_input("--out", out, {"data.path": config.data.path}) if config else []
     table = attempt(problems, lambda: load_folds(config.data)) if config else None
     if problems:
         raise ConfigError(None, problems)
@@ -183,11 +184,12 @@ def report(args) -> int:
 
 def predict(args) -> int:
     from raycv.predict import predict_run
-    from raycv.preflight import output_problems
+    from raycv.preflight import output_problems, replaces_an_input
     from raycv.report import build_report, load_run
 
     run_dir, out = Path(args.run_dir), Path(args.out)
-    problems = output_problems("--out", out)
+    problems = output_problems("--out", out) + replaces_an_input("--out", out, {"--data": args.data,
+                                                                             "the run": run_dir})
     report = attempt(problems, lambda: build_report(load_run(run_dir)))
     if problems:
         raise ConfigError(None, problems)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import socket
 import tempfile
 from dataclasses import dataclass
@@ -262,6 +263,24 @@ def output_problems(flag: str, path: Path, files: tuple[str, ...] = (), director
             pass
     except OSError as exc:
         return [f"{flag}: cannot write {path} ({exc.strerror or exc}); choose another place"]
+    return []
+
+
+def replaces_an_input(flag: str, path: Path, inputs: dict[str, str | Path | None]) -> list[str]:
+    """An output that is one of the command's inputs (the same file, by any name or link) would be replaced
+    by it: `raycv folds --out train.csv` wrote the fold table over Kaggle's train.csv, `raycv predict --data
+    test.csv --out test.csv` the submission over the texts. `inputs`: what names each (a flag or key) -> its
+    path; a directory is a run directory, standing for the files the run keeps there."""
+    if not path.is_file():
+        return []  # a new file replaces nothing
+    for name, source in inputs.items():
+        if source is None or not Path(source).exists():
+            continue
+        source = Path(source)
+        if source.is_dir() and storage.is_run_file(source, path):
+            return [f"{flag}: {path} is a file of {name} {source}; writing there would replace it: name a new file"]
+        if not source.is_dir() and os.path.samefile(path, source):
+            return [f"{flag}: {path} is the {name} file; writing there would replace it: name another file"]
     return []
 
 

@@ -40,6 +40,17 @@ T = TypeVar("T")
 # ---------------------------------------------------------------- names in the layout
 
 RUN_FILES = ("run.json", "folds.csv", "baselines.json", "resolved_config.yaml")  # what a report needs
+REPORT_FILES = ("report.md", "report.json", "trials.csv")  # what `raycv report` writes beside them, with plots
+
+
+def is_run_file(run_dir: Path, path: Path) -> bool:
+    """Whether `path` is one of the files a run keeps in `run_dir` (its state, report, plots, and anything in
+    its folders: OOF predictions, curves, fold models, Ray's storage); a file of the user's beside them is not."""
+    try:
+        relative = path.resolve().relative_to(run_dir.resolve())
+    except ValueError:
+        return False
+    return len(relative.parts) > 1 or relative.name in RUN_FILES + REPORT_FILES or relative.suffix == ".png"
 FOLD_STATE = "fold_{}.pt"  # one fold's checkpoint inside a point_NNNN folder
 CHECKPOINT_PREFIX = "point_"
 

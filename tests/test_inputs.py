@@ -535,11 +535,13 @@ def test_any_broken_run_directory_or_data_for_predict(finished_run, small_csv, c
 # ---------------------------------------------------------------- output paths
 
 
+# data.csv is the space's data, test.csv predict's --data, run/ predict's run: a command's own input is not
+# replaced by its output (`raycv folds --out train.csv` wrote the folds over Kaggle's train.csv).
 OUTPUTS = ["a_dir", "a_file/out.csv", "a_file", "a_dir/deeper/out.csv", "/proc/raycv/out.csv", "/proc/out.csv",
-           "out.csv", "a_dir/", "a_file/"]
+           "out.csv", "a_dir/", "a_file/", "data.csv", "test.csv", "run/report.json", "run/oof", "run/mine.csv"]
 
 
-@settings(max_examples=20, **SETTINGS)
+@settings(max_examples=40, **SETTINGS)
 @given(target=st.sampled_from(OUTPUTS), command=st.sampled_from(["folds", "predict", "train-fold"]),
        bad_config=st.booleans())
 def test_any_output_path(finished_run, small_csv, target, command, bad_config):
@@ -547,8 +549,9 @@ def test_any_output_path(finished_run, small_csv, target, command, bad_config):
         (cwd / "a_dir").mkdir()
         (cwd / "a_dir" / "predictions.csv").mkdir()  # where train-fold writes a file
         (cwd / "a_file").write_text("a file\n")
+        shutil.copy(small_csv, cwd / "data.csv")
         space = cwd / "space.yaml"
-        space.write_text(yaml.safe_dump(tiny_space(small_csv, run={"output_dir": "runs"})))
+        space.write_text(yaml.safe_dump(tiny_space(cwd / "data.csv", run={"output_dir": "runs"})))
         broken = ["train.lr=-1"] if bad_config else []
         flag = "--out-dir" if command == "train-fold" else "--out"
         if command == "folds":
@@ -560,8 +563,11 @@ def test_any_output_path(finished_run, small_csv, target, command, bad_config):
             pd.read_csv(small_csv, nrows=3).drop(columns="target").to_csv(cwd / "test.csv", index=False)
             argv = ["predict", "no_run" if bad_config else "run", "--data", "test.csv", "--out", target]
         refused = {"a_dir", "a_dir/", "a_file/out.csv", "/proc/raycv/out.csv", "/proc/out.csv"}
-        refused |= {"a_file", "a_file/"} if command == "train-fold" else set()
-        code, _, err = run_cli(argv, cwd, outputs=(target.rstrip("/"), "a_dir"))
+        refused |= {"a_file", "a_file/", "data.csv"} if command == "train-fold" else set()
+        refused |= {"data.csv"} if command == "folds" and not bad_config else set()  # its data.path: known once read
+        refused |= {"test.csv", "run/oof"} | ({"run/report.json"} if not bad_config else set()) \
+            if command == "predict" else set()
+        code, _, err = run_cli(argv, cwd, outputs=(target.rstrip("/"), "a_dir", "run"))
         assert code == (2 if bad_config or target in refused else 0), err
         if target in refused:  # the flag is named, with the other problem too
             assert f"raycv: error: {flag}: " in err and len(err.splitlines()) == 1 + bad_config, err
@@ -724,6 +730,27 @@ def test_a_working_folder_that_was_deleted_is_one_line(tmp_path):
     assert (proc.returncode, proc.stdout) == (2, "")
     assert proc.stderr == ("raycv: error: the working folder no longer exists (deleted or moved away); cd to one "
                            "that does\n")
+
+
+def test_an_output_that_is_an_input_is_refused(finished_run, small_csv, tmp_path):
+    """`raycv folds --out train.csv` wrote the fold table over the training data; `predict --out` could
+    replace its own --data (also through a link) or the run's files."""
+    shutil.copy(small_csv, tmp_path / "data.csv")
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(tiny_space(tmp_path / "data.csv")))
+    assert lines_of(["folds", "space.yaml", "--out", "data.csv"], tmp_path) == [
+        "raycv: error: --out: data.csv is the data.path file; writing there would replace it: name another file"]
+    shutil.copytree(finished_run, tmp_path / "run")
+    pd.read_csv(small_csv, nrows=3).drop(columns="target").to_csv(tmp_path / "test.csv", index=False)
+    (tmp_path / "link.csv").symlink_to("test.csv")
+    assert lines_of(["predict", "run", "--data", "test.csv", "--out", "link.csv"], tmp_path) == [
+        "raycv: error: --out: link.csv is the --data file; writing there would replace it: name another file"]
+    assert lines_of(["predict", "run", "--data", "test.csv", "--out", "run/folds.csv"], tmp_path) == [
+        "raycv: error: --out: run/folds.csv is a file of the run run; writing there would replace it: name a new "
+        "file"]
+    # A file of the user's own beside the run's is theirs to rewrite.
+    for _ in range(2):
+        run_cli(["predict", "run", "--data", "test.csv", "--out", "run/submission.csv"], tmp_path,
+                outputs=("run/submission.csv", "run"))  # the folder's time: a file added
 
 
 def test_a_space_that_is_not_utf8_is_one_line(tmp_path):
