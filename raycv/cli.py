@@ -33,8 +33,17 @@ class Parser(argparse.ArgumentParser):
 
 
 def _space_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("space", help="search-space YAML (a missing spaces/NAME.yaml falls back to the bundled one)")
+    parser.add_argument("space", type=_path,
+                        help="search-space YAML (a missing spaces/NAME.yaml falls back to the bundled one)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. train.lr=3e-5")
+
+
+def _path(value: str) -> str:
+    """A file or folder argument: an empty one (an unset variable in `--data "$TEST"`) named the working
+    folder, or nothing at all, in the error it led to."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("empty; give a path")
+    return value
 
 
 def _address(value: str) -> str | None:
@@ -59,18 +68,18 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("folds", help="write the fold assignment as id,fold")
     _space_args(p)
-    p.add_argument("--out", default="folds.csv", help="CSV to write (default folds.csv)")
+    p.add_argument("--out", type=_path, default="folds.csv", help="CSV to write (default folds.csv)")
 
     p = sub.add_parser("train-fold", help="fine-tune one fold locally (no Ray) and write its predictions")
     _space_args(p)
     p.add_argument("--fold", type=int, required=True, help="fold index, 0..num_folds-1")
-    p.add_argument("--out-dir", help="where to write (default <run.output_dir>/train_fold/fold_K)")
+    p.add_argument("--out-dir", type=_path, help="where to write (default <run.output_dir>/train_fold/fold_K)")
 
     p = sub.add_parser("convert-structbert", help="AliceMind StructBERT checkpoint -> transformers directory")
-    p.add_argument("checkpoint", help="AliceMind's en_model (a torch state dict)")
-    p.add_argument("config_json", help="AliceMind's large_bert_config.json")
-    p.add_argument("vocab_txt", help="AliceMind's vocab.txt")
-    p.add_argument("out_dir", help="new directory for config.json, model.safetensors and the tokenizer")
+    p.add_argument("checkpoint", type=_path, help="AliceMind's en_model (a torch state dict)")
+    p.add_argument("config_json", type=_path, help="AliceMind's large_bert_config.json")
+    p.add_argument("vocab_txt", type=_path, help="AliceMind's vocab.txt")
+    p.add_argument("out_dir", type=_path, help="new directory for config.json, model.safetensors and the tokenizer")
 
     p = sub.add_parser("tune", help="run the search: Ray Tune trials, one Ray Train worker per fold")
     _space_args(p)
@@ -83,17 +92,21 @@ def build_parser() -> Parser:
     p.add_argument("--quick", action="store_true", help="every key, roughly, in a minute or two (tiny model)")
     p.add_argument("--gpu", action="store_true", help="the GPU figures only: BERT-large tokens/s and MFU, 5 folds "
                    "sharing one GPU (exit 2 without a GPU)")
-    p.add_argument("--out", default="bench.json", help="JSON file to write every key to (default bench.json)")
-    p.add_argument("--data", help="CommonLit train.csv (default: the data.path of the bundled space it uses)")
+    p.add_argument("--out", type=_path, default="bench.json",
+                   help="JSON file to write every key to (default bench.json)")
+    p.add_argument("--data", type=_path,
+                   help="CommonLit train.csv (default: the data.path of the bundled space it uses)")
     p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for a GPU not in the table")
 
     p = sub.add_parser("report", help="rebuild a run's CV report from what it stored (no Ray needed)")
-    p.add_argument("run_dir", help="the run's output directory, e.g. runs/base")
+    p.add_argument("run_dir", type=_path, help="the run's output directory, e.g. runs/base")
 
     p = sub.add_parser("predict", help="score new texts with a run's kept fold models (Kaggle submission format)")
-    p.add_argument("run_dir", help="the run's output directory, e.g. runs/base")
-    p.add_argument("--data", required=True, help="CSV with the id and text columns the run was trained with")
-    p.add_argument("--out", default="submission.csv", help="CSV to write as id,target (default submission.csv)")
+    p.add_argument("run_dir", type=_path, help="the run's output directory, e.g. runs/base")
+    p.add_argument("--data", type=_path, required=True,
+                   help="CSV with the id and text columns the run was trained with")
+    p.add_argument("--out", type=_path, default="submission.csv",
+                   help="CSV to write as id,target (default submission.csv)")
     p.add_argument("--trials", choices=["best", "top-k", "stacked"], default="best",
                    help="the best trial's fold models, those of the report's top-k ensemble, or the stacked "
                         "ensemble's weighted trials (default best)")

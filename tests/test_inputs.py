@@ -753,6 +753,21 @@ def test_an_output_that_is_an_input_is_refused(finished_run, small_csv, tmp_path
                 outputs=("run/submission.csv", "run"))  # the folder's time: a file added
 
 
+@pytest.mark.parametrize("argv, argument", [
+    (["validate", ""], "space"), (["folds", "space.yaml", "--out", " "], "--out"),
+    (["train-fold", "space.yaml", "--fold", "0", "--out-dir", ""], "--out-dir"), (["report", ""], "run_dir"),
+    (["predict", "run", "--data", ""], "--data"), (["predict", "", "--data", "t.csv"], "run_dir"),
+    (["bench", "--quick", "--data", ""], "--data"), (["bench", "--quick", "--out", ""], "--out"),
+    (["convert-structbert", "a", "", "b", "c"], "config_json"), (["tune", "", "--resume"], "space"),
+])
+def test_an_empty_path_is_one_line_naming_the_argument(tmp_path, argv, argument):
+    """An unset variable (`--data "$TEST"`): '' was the working folder ("--out: . is a directory"), the default
+    (bench's --data), or no name at all (": cannot read as CSV")."""
+    command = argv[0]
+    assert lines_of(argv, tmp_path) == [f"raycv: error: argument {argument}: empty; give a path "
+                                        f"(see raycv {command} --help)"]
+
+
 def test_a_space_that_is_not_utf8_is_one_line(tmp_path):
     (tmp_path / "space.yaml").write_bytes(b"data:\n  path: caf\xe9.csv\n")
     assert lines_of(["validate", "space.yaml"], tmp_path) == [
