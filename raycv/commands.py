@@ -135,6 +135,9 @@ def train_fold(args) -> int:
     write_atomic(out_dir / "predictions.csv", lambda tmp: result.predictions().to_csv(tmp, index=False))
     write_atomic(out_dir / "curve.csv", lambda tmp: pd.DataFrame(result.curve).to_csv(tmp, index=False))
     write_text_atomic(out_dir / "resolved_config.yaml", dump_yaml(config))
+    if result.diverged:  # as a trial of `raycv tune` ends diverged: what it trained is written, the exit says so
+        print(f"{result.diverged}; wrote {out_dir} (its predictions from that point on are not finite)")
+        return 1
     print(f"fold {args.fold}: best val_rmse {result.best_rmse:.4f}, last {result.last_rmse:.4f}; wrote {out_dir}")
     return 0
 

@@ -113,6 +113,15 @@ class TrainConfig(Section):
     seed: int = Field(42, ge=0, le=2**32 - 1)  # model init and batch order; each fold seeds from (seed, fold)
 
     @model_validator(mode="after")
+    def _decay_keeps_weights(self):
+        # AdamW's decoupled decay scales every decayed weight by 1 - lr x weight_decay per step: at 1 or more it
+        # zeroes or flips them (weight_decay 1e300 trained a fold to NaN predictions without a word).
+        if self.weight_decay * self.lr >= 1:
+            raise ValueError(f"weight_decay {self.weight_decay:g} x lr must stay below 1 (AdamW scales weights by "
+                             "1 - lr x weight_decay each step); lower train.weight_decay (0.01 is usual)")
+        return self
+
+    @model_validator(mode="after")
     def _one_eval_schedule(self):
         if self.evals_per_epoch is not None and self.eval_every_n_steps is not None:
             raise ValueError("set evals_per_epoch or eval_every_n_steps, not both")

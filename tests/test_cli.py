@@ -110,6 +110,20 @@ def test_folds_writes_every_id_once(train_csv, tmp_path, capsys):
 # ---------------------------------------------------------------- train-fold
 
 
+def test_train_fold_that_diverges_says_so_and_exits_1(train_csv, tmp_path, capsys):
+    """Targets beyond float32 make the loss infinite: the fold stops at its first point, as a trial of `raycv
+    tune` ends diverged (it printed "best val_rmse nan" and exited 0)."""
+    data = pd.read_csv(train_csv)
+    data["target"] = data["target"] * 1e30
+    data.to_csv(tmp_path / "exploding.csv", index=False)
+    code, out, err = run(["train-fold", SMOKE, "--fold", "1", f"data.path={tmp_path / 'exploding.csv'}", *PINNED,
+                          "train.epochs=2", "scheduler.type=none", "--out-dir", tmp_path / "fold1"], capsys)
+    assert (code, err) == (1, "")
+    assert out.splitlines()[-1] == (f"fold 1 diverged at point 1 (step 19): train_loss inf; wrote {tmp_path / 'fold1'} "
+                                    "(its predictions from that point on are not finite)")
+    assert pd.read_csv(tmp_path / "fold1" / "curve.csv")["point"].tolist() == [1]
+
+
 def test_train_fold_writes_predictions_and_curve(train_csv, tmp_path, capsys):
     out_dir = tmp_path / "fold0"
 

@@ -768,6 +768,21 @@ def test_an_empty_path_is_one_line_naming_the_argument(tmp_path, argv, argument)
                                         f"(see raycv {command} --help)"]
 
 
+def test_a_weight_decay_that_flips_the_weights_is_one_line_whatever_lr_the_search_draws(small_csv, tmp_path):
+    """AdamW scales weights by 1 - lr x weight_decay per step: weight_decay 1e300 trained to NaN unsaid. The
+    problem is the weight decay's: one line for the file and every drawn lr alike."""
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(tiny_space(small_csv)))
+    expected = ("train: weight_decay 1e+300 x lr must stay below 1 (AdamW scales weights by 1 - lr x weight_decay "
+                "each step); lower train.weight_decay (0.01 is usual)")
+    assert lines_of(["validate", "space.yaml", "--no-model", "train.weight_decay=1e300",
+                     "search.params={train.lr: {grid: [1e-3, 1e-4]}}"], tmp_path) == [
+        f"raycv: error: space.yaml: {expected}"]
+    assert lines_of(["validate", "space.yaml", "--no-model", "train.weight_decay=200", "train.lr=1e-3",
+                     "search.params={train.lr: {grid: [0.001, 0.009]}}"], tmp_path) == [
+        f"raycv: error: space.yaml: search.params.train.lr.grid: value 0.009 is invalid: "
+        f"{expected.replace('1e+300', '200')}"]
+
+
 def test_a_space_that_is_not_utf8_is_one_line(tmp_path):
     (tmp_path / "space.yaml").write_bytes(b"data:\n  path: caf\xe9.csv\n")
     assert lines_of(["validate", "space.yaml"], tmp_path) == [
