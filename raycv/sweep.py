@@ -324,12 +324,20 @@ def run_sweep(config: Config, plan: Plan, address: str | None = None, resume: bo
             finally:
                 ReportRefresher.close_for(output_dir)  # before anything else writes the report
                 remove_local_checkpoint_copies(output_dir)
+        # Off Ray before the summary (the report needs no Ray): fold workers' last lines, which Ray relays a
+        # moment late, were printed after "report: ...", as if a trial were still training.
+        leave_ray(watch)
         return finish(config, plan.max_t, received, resume_command)
     finally:
-        if watch:
-            watch.stop()
-        if started:
-            ray.shutdown()
+        leave_ray(watch)
+
+
+def leave_ray(watch: ClusterWatch | None) -> None:
+    """Stop watching the cluster, then disconnect (a local Ray raycv started stops with it; a cluster joined
+    keeps running). Idempotent."""
+    if watch:
+        watch.stop()
+    ray.shutdown()
 
 
 def remove_local_checkpoint_copies(output_dir: Path) -> None:

@@ -31,6 +31,8 @@ def test_run_prints_dashboard_summary_and_report_path(smoke_run):
     assert "trials: 4 (" in out
     assert f"report: {smoke_run['run_dir'] / 'report.md'}" in out
     assert "baselines on the same folds: training mean " in out
+    # The summary comes last: no fold worker's line (Ray relays them a moment late) after it.
+    assert "(RayTrainWorker" not in out[out.index("trials: 4 ("):], out[-3000:]
     everything = smoke_run["proc"].stdout + smoke_run["proc"].stderr
     assert everything.count("| cv_rmse_last ") >= 2 * 6 + 2 * 2  # one progress line per trial and evaluation point
     assert "Reporting training result" not in everything  # Ray Train's per-report INFO lines are quieted
