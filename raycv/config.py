@@ -59,9 +59,9 @@ class StructBertBackbone(Section):
 
 
 class TinyBackbone(Section):
-    type: Literal["tiny"]  # a small random BERT, for tests and smoke runs
-    # At most BERT-large's sizes: a tiny model is for tests and smoke runs, and a larger one would be built (and
-    # allocated) in full by `raycv validate` and every fold worker.
+    # a small random BERT, for tests and smoke runs: at most BERT-large's sizes (`raycv validate` and every fold
+    # worker build it in full)
+    type: Literal["tiny"]
     hidden_size: int = Field(32, ge=4, le=1024)  # width of every layer; a multiple of num_heads
     num_layers: int = Field(2, ge=1, le=24)  # encoder layers
     num_heads: int = Field(2, ge=1, le=64)  # attention heads per layer

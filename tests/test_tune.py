@@ -304,12 +304,9 @@ STOPPED_MID_STEP = textwrap.dedent("""
 """)
 
 
-@pytest.mark.timeout(180)
-def test_a_fold_worker_stopped_mid_step_leaves_quietly_and_removes_its_checkpoint_copy(tmp_path):
-    """Ray stops a stopped trial's fold workers with SIGTERM while their training thread may be mid-step;
-    Python's teardown under that thread aborts with a native stack dump on the driver's console (the unmarked
-    actor shows that this still happens). raycv's fold worker leaves at once instead, and removes the local
-    checkpoint copy whose upload will not finish (a few GB for a large model, left in /tmp otherwise)."""
+def stopped_mid_step(tmp_path: Path) -> tuple[dict, dict]:
+    """One run of STOPPED_MID_STEP: what the unmarked actor and raycv's fold worker left."""
+    tmp_path.mkdir()
     script = tmp_path / "stopped_mid_step.py"
     script.write_text(STOPPED_MID_STEP)
     temp_dir = Path(tempfile.mkdtemp(prefix="raycv-stop-"))  # short: Ray's socket paths live under it
@@ -326,8 +323,24 @@ def test_a_fold_worker_stopped_mid_step_leaves_quietly_and_removes_its_checkpoin
     assert proc.returncode == 0, err[-3000:]
     (line,) = [line for line in out.splitlines() if line.startswith("RESULT ")]
     unmarked, fold_worker = json.loads(line.removeprefix("RESULT "))
-    assert unmarked["aborted"], "the scenario no longer aborts without raycv's exit: this test tests nothing"
-    assert not fold_worker["aborted"] and not fold_worker["copy_left"]
+    return unmarked, fold_worker
+
+
+@pytest.mark.timeout(480)
+def test_a_fold_worker_stopped_mid_step_leaves_quietly_and_removes_its_checkpoint_copy(tmp_path):
+    """Ray stops a stopped trial's fold workers with SIGTERM while their training thread may be mid-step;
+    Python's teardown under that thread aborts with a native stack dump on the driver's console (the unmarked
+    actor shows that this still happens). raycv's fold worker leaves at once instead, and removes the local
+    checkpoint copy whose upload will not finish (a few GB for a large model, left in /tmp otherwise).
+
+    The abort depends on where the thread is when the signal comes: on a loaded machine the unmarked actor
+    once exited without it. So up to three tries, until the unmarked actor aborts; raycv's never may."""
+    for attempt in range(1, 4):
+        unmarked, fold_worker = stopped_mid_step(tmp_path / f"try_{attempt}")
+        assert not fold_worker["aborted"] and not fold_worker["copy_left"], attempt
+        if unmarked["aborted"]:
+            return
+    pytest.fail("the scenario no longer aborts without raycv's exit in 3 tries: this test tests nothing")
 
 
 def test_checkpoint_copies_of_killed_workers_are_removed_once_old(tmp_path, monkeypatch):
