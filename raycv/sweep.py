@@ -407,8 +407,9 @@ def check_run_directory(config: Config, output_dir: Path, resume: bool, resume_c
     if not resume:
         if state is not None and state.state != "finished":
             ended = sum(t.status in ENDED for t in state.trials)
-            raise RaycvError(f"{output_dir} holds an unfinished run ({ended} of the {len(state.trials)} trial(s) it started have ended); "
-                             f"continue it with: {resume_command} (or start another with run.name=NAME)")
+            raise RaycvError(f"{output_dir} holds an unfinished run ({ended} of the {len(state.trials)} trial(s) it "
+                             f"started have ended); continue it with: {resume_command} (or start another with "
+                             "run.name=NAME)")
         if holds:
             raise RaycvError(
                 f"{output_dir} already holds a run; choose another with run.name=NAME (or run.output_dir=DIR), "
