@@ -559,10 +559,11 @@ def write_plots(run_dir: Path, loaded: dict, report: dict) -> dict[str, str]:
         keys = report["searched"]
         fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.8), squeeze=False)
         for ax, key in zip(axes[0], keys, strict=True):
-            for status, marker in (("finished", "o"), ("stopped", "x")):
+            # A partial report's trials may be running or interrupted (at their last point so far): shown too.
+            for status in dict.fromkeys(t["status"] for t in scored):
                 points = [(t["params"].get(key), t["cv_rmse_last"]) for t in scored if t["status"] == status]
-                if points:
-                    ax.scatter(*zip(*points, strict=True), marker=marker, label=status)
+                ax.scatter(*zip(*points, strict=True), marker={"finished": "o", "stopped": "x"}.get(status, "."),
+                           label=status)
             values = [t["params"].get(key) for t in scored if isinstance(t["params"].get(key), (int, float))]
             if values and min(values) > 0 and max(values) / min(values) > 20:
                 ax.set_xscale("log")

@@ -170,3 +170,22 @@ def test_report_on_a_directory_that_is_no_run_is_one_line_and_status_2(tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("raycv: error:") and "run.json" in err[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_partial_report_plots_interrupted_trials_without_a_warning(run_dir, tmp_path, capsys):
+    """A run cut short while its only trials trained: the hyperparameter plot had no finished or stopped
+    trial to label, and matplotlib's "No artists with labels found" warning reached the user's console."""
+    import warnings
+
+    partial = tmp_path / "partial"
+    shutil.copytree(run_dir, partial)
+    state = json.loads((partial / "run.json").read_text())
+    state["state"] = "interrupted"
+    for trial in state["trials"]:
+        trial["status"] = "interrupted" if trial["status"] != "error" else trial["status"]
+    (partial / "run.json").write_text(json.dumps(state))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["report", str(partial)]) == 0
+    assert "partial report: the run is interrupted" in capsys.readouterr().out
+    assert (partial / "rmse_by_param.png").stat().st_size > 0
