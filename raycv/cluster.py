@@ -55,12 +55,17 @@ def address_problem(address: str, where: str = "--address") -> str | None:
                 f"joins a cluster at {ADDRESS_FORMS}")
     if sep and scheme != "ray":
         return f"{where} {address}: unknown scheme {scheme}://; give {ADDRESS_FORMS}"
-    host, colon, port = (rest if sep else address).rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")  # [::1]:6379
+    host, colon, port = _host_port(address)
     if not colon or not host or any(c.isspace() or c in "/?#@" for c in host) or not port.isdigit() \
             or not 0 < int(port) < 65536:
         return f"{where} {address} is not HOST:PORT; give {ADDRESS_FORMS}"
     return None
+
+
+def _host_port(address: str) -> tuple[str, str, str]:
+    """(host, ":" or "", port) of HOST:PORT or SCHEME://HOST:PORT; an IPv6 host without its brackets."""
+    host, colon, port = address.partition("://")[2 if "://" in address else 0].rpartition(":")
+    return host.removeprefix("[").removesuffix("]"), colon, port
 
 
 def start_ray(address: str | None) -> bool:
@@ -134,11 +139,11 @@ def _free_port() -> int:
 def _check_reachable(address: str, where: str = "--address") -> None:
     """Fail fast on a host:port nobody listens on: ray.init would retry it for minutes (a Ray Client address
     for as long as its connection timeout)."""
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    host, sep, port = _host_port(address)
     if "://" in address.removeprefix("ray://") or not sep or not port.isdigit():
         return  # "auto", or a form Ray resolves itself
     try:
-        socket.create_connection((host.removeprefix("[").removesuffix("]"), int(port)), timeout=10).close()
+        socket.create_connection((host, int(port)), timeout=10).close()
     except OSError as exc:
         raise RaycvError(f"cannot join the Ray cluster at {address}: nothing answers there ({exc.strerror or exc}); "
                          f"start it with `ray start --head` or check {where}") from None
