@@ -29,6 +29,12 @@ DRIVER_RESOURCE_SHARE = 0.01
 # (an actor per trial, polling the node's drain state, ~1.5 s of CPU to start) has nothing to see there. On a
 # cluster it stays on: a spot node's drain notice is what it is for.
 LOCAL_ONLY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# `ray job stop` sends SIGTERM to a job's entrypoint and SIGKILLs it RAY_JOB_STOP_WAIT_TIME_S later (Ray's
+# default: 3 s). Ending a search as `interrupted` (Tune stops the trials and saves its state, the collector
+# and the report, the summary) took about 6 s for one trial on 2 idle cores, more for a big run with its
+# storage in a bucket: a job submitted as docs/cluster.md says gets JOB_STOP_WAIT_S.
+JOB_STOP_WAIT_S = 120
+JOB_STOP_WAIT_ENOUGH_S = 60
 
 
 def use_token_auth(address: str | None) -> None:
@@ -91,6 +97,8 @@ def start_ray(address: str | None) -> bool:
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise RaycvError(f"cannot join the Ray cluster at {address}: {str(exc).strip().splitlines()[-1]}") from None
         print(f"joined the Ray cluster at {address}; dashboard: {_url(context.dashboard_url)}", flush=True)
+        if note := job_stop_note():
+            print(note, flush=True)
         return False
     # "local": always a new Ray of our own, never one a `ray start` left on this machine (which ray.init()
     # would otherwise join, or wait on for minutes if it has died). Its GCS port is chosen here, so that
@@ -110,6 +118,24 @@ def start_ray(address: str | None) -> bool:
     print(f"started a local Ray for this run; dashboard: {_url(context.dashboard_url)} "
           f"(token authentication: the token is in ~/.ray/auth_token)", flush=True)
     return True
+
+
+def job_stop_note(env=os.environ) -> str | None:
+    """As a Ray job's entrypoint (`ray job submit`), a line saying that `ray job stop` would SIGKILL this run
+    before it has ended as `interrupted`, and how to submit it so that it does not; else None."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    if RAY_JOB_CONFIG_JSON_ENV_VAR not in env:
+        return None
+    try:
+        wait = float(env.get("RAY_JOB_STOP_WAIT_TIME_S", "3"))  # Ray's JobSupervisor and its default
+    except ValueError:
+        wait = 3.0
+    if wait >= JOB_STOP_WAIT_ENOUGH_S:
+        return None
+    return (f"note: `ray job stop` gives this run {wait:g} s (RAY_JOB_STOP_WAIT_TIME_S) before SIGKILL, too "
+            "little to end it as interrupted with its state saved; submit it with --runtime-env-json "
+            f"'{{\"env_vars\": {{\"RAY_JOB_STOP_WAIT_TIME_S\": \"{JOB_STOP_WAIT_S}\"}}}}' (docs/cluster.md)")
 
 
 def _bootstrap_address(address: str) -> str | None:

@@ -1,8 +1,9 @@
 """Running on a Ray cluster: cluster.yaml and cluster-onprem.yaml pass Ray's own validation, share everything
 that is not provisioning and keep the security settings (tests/test_ray_up.py runs `ray up` for real); a
-real head (`ray start --head`, token authentication on) takes the smoke run as a Ray job, and raycv's
-metrics appear on the node's Prometheus endpoint (`raycv tune --address` joining a head, and folds sharing
-one GPU, are shown by tests/test_dashboard.py's watched run).
+real head (`ray start --head`, token authentication on) takes the smoke run as a Ray job that `ray job stop`
+interrupts and a second job with --resume finishes, and raycv's metrics appear on the node's Prometheus
+endpoint (`raycv tune --address` joining a head, and folds sharing one GPU, are shown by
+tests/test_dashboard.py's watched run).
 
 Every command here has a hard time limit; the head is stopped at the end whatever happens.
 """
@@ -13,12 +14,13 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import requests
 import yaml
 
-from raycv.cluster import DRIVER_RESOURCE
+from raycv.cluster import DRIVER_RESOURCE, JOB_STOP_WAIT_S
 
 from helpers import REPO_DIR, free_port, ray_head
 
@@ -153,6 +155,26 @@ def test_cluster_yaml_installs_this_raycv_and_ray_version():
     assert config["available_node_types"]["gpu_spot"]["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
 
 
+@pytest.mark.parametrize("wait, says", [(None, "3 s"), ("3", "3 s"), ("59.5", "59.5 s"), ("x", "3 s"),
+                                         ("60", None), (str(JOB_STOP_WAIT_S), None)])
+def test_a_job_tells_when_ray_job_stop_would_sigkill_it_first(wait, says):
+    """Only a Ray job's entrypoint (Ray sets RAY_JOB_CONFIG_JSON_ENV_VAR there) hears about the stop's wait,
+    and only when the wait is short; Ray's JobSupervisor reads the same variable, default 3 s."""
+    from raycv.cluster import job_stop_note
+
+    env = {"RAY_JOB_CONFIG_JSON_ENV_VAR": "{}", **({"RAY_JOB_STOP_WAIT_TIME_S": wait} if wait else {})}
+    note = job_stop_note(env)
+    assert note == (None if says is None else
+                    f"note: `ray job stop` gives this run {says} (RAY_JOB_STOP_WAIT_TIME_S) before SIGKILL, too little "
+                    "to end it as interrupted with its state saved; submit it with --runtime-env-json "
+                    f"'{{\"env_vars\": {{\"RAY_JOB_STOP_WAIT_TIME_S\": \"{JOB_STOP_WAIT_S}\"}}}}' (docs/cluster.md)")
+    assert job_stop_note({k: v for k, v in env.items() if k != "RAY_JOB_CONFIG_JSON_ENV_VAR"}) is None
+    if note:  # the flag it names is what cluster.md submits with
+        assert json.loads(note.split("--runtime-env-json '")[1].split("'")[0]) == \
+            {"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(JOB_STOP_WAIT_S)}}
+        assert note.split("--runtime-env-json ")[1].split(" (docs")[0] in (REPO / "docs" / "cluster.md").read_text()
+
+
 # ---------------------------------------------------------------- a real head
 
 
@@ -178,9 +200,36 @@ def raycv_metrics(metrics_port: int) -> dict[str, list[tuple[dict, float]]]:
     return found
 
 
+def submit(client, entrypoint: str, runtime_env: dict) -> str:
+    deadline = time.monotonic() + 120
+    while True:  # a head that has just started may have no job agent yet
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
+
+def follow(client, job_id: str, head: dict, metrics: dict, until, timeout: float) -> str:
+    """Poll the job until `until(status, logs)`, collecting the node's raycv metrics meanwhile; the status."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.get_job_status(job_id)
+        for name, series in raycv_metrics(head["ports"]["metrics"]).items():
+            metrics.setdefault(name, []).extend(series)
+        if until(status, client.get_job_logs(job_id)):
+            return status
+        time.sleep(2)
+    raise AssertionError(f"job {job_id} {status} after {timeout} s:\n{client.get_job_logs(job_id)[-5000:]}")
+
+
 @pytest.mark.ray
-@pytest.mark.timeout(900)
-def test_smoke_run_as_a_ray_job_with_metrics(head, train_csv, tmp_path):
+@pytest.mark.timeout(1200)
+def test_smoke_run_as_a_ray_job_stopped_resumed_and_with_metrics(head, train_csv, tmp_path):
+    """The run as docs/cluster.md submits it: `ray job stop` mid-trial ends it as `interrupted` (with the
+    wait the docs give the stop: Ray's own 3 s end it by SIGKILL before its state is saved), and the same
+    command with --resume, submitted again, finishes it."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     # Token authentication is on: without the token the Jobs API refuses.
@@ -190,32 +239,44 @@ def test_smoke_run_as_a_ray_job_with_metrics(head, train_csv, tmp_path):
     entrypoint = (f"raycv tune search_spaces/smoke.yaml data.path={train_csv} run.name=job "
                   f"run.output_dir={out_dir} " + " ".join(SMALL))
     runtime_env = {"working_dir": str(REPO), "excludes": [".venv", ".git", "runs", ".pytest_cache"]}
-    submit_deadline = time.monotonic() + 120
-    while True:  # a head that has just started may have no job agent yet
-        try:
-            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
-            break
-        except RuntimeError as exc:
-            if "No available agent" not in str(exc) or time.monotonic() > submit_deadline:
-                raise
-            time.sleep(2)
-    deadline, metrics = time.monotonic() + 720, {}
-    while time.monotonic() < deadline:
-        status = client.get_job_status(job_id)
-        for name, series in raycv_metrics(head["ports"]["metrics"]).items():
-            metrics.setdefault(name, []).extend(series)
-        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            break
-        time.sleep(3)
-    logs = client.get_job_logs(job_id)
+    ended = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
+    metrics: dict = {}
+
+    # 1. Submitted as the docs say; stopped once the trial has pooled its first point.
+    stop_wait = {"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(JOB_STOP_WAIT_S)}}
+    first = submit(client, entrypoint, {**runtime_env, **stop_wait})
+    follow(client, first, head, metrics, timeout=600,
+           until=lambda status, logs: status in ended or re.search(r"\| point 1/3 \| step \d+/\d+ \| cv_rmse", logs))
+    client.stop_job(first)
+    stopped_at = time.monotonic()
+    status = follow(client, first, head, metrics, timeout=JOB_STOP_WAIT_S + 60,
+                    until=lambda status, logs: status in ended)
+    waited = time.monotonic() - stopped_at
+    logs = client.get_job_logs(first)
+    assert status == JobStatus.STOPPED, f"job {status}:\n{logs[-5000:]}"
+    supervisor = (Path(head["temp_dir"]) / "session_latest" / "logs" / "jobs" / f"supervisor-{first}.log").read_text()
+    assert "has been terminated gracefully with SIGTERM" in supervisor, supervisor[-3000:]  # not SIGKILLed
+    assert waited < JOB_STOP_WAIT_S - 30, f"the stop took {waited:.0f} s"
+    assert "ray job stop` gives this run" not in logs
+    assert "trials: 1 (1 interrupted)" in logs
+    assert re.search(r"^interrupted: 1 trial\(s\) cut short.*continue with: raycv tune .* --resume$", logs, re.M)
+    (trial,) = json.loads((out_dir / "run.json").read_text())["trials"]
+    assert trial["status"] == "interrupted"
+
+    # 2. The same command with --resume, submitted without the stop's wait: raycv says what a stop would do.
+    second = submit(client, f"{entrypoint} --resume", runtime_env)
+    status = follow(client, second, head, metrics, timeout=720, until=lambda status, logs: status in ended)
+    logs = client.get_job_logs(second)
     assert status == JobStatus.SUCCEEDED, f"job {status}:\n{logs[-5000:]}"
+    assert "note: `ray job stop` gives this run 3 s (RAY_JOB_STOP_WAIT_TIME_S) before SIGKILL" in logs
 
     # The Jobs view lists the job with its entrypoint and logs; the logs name the report, which exists.
     listed = {job.submission_id: job for job in client.list_jobs()}
-    assert listed[job_id].entrypoint.startswith("raycv tune search_spaces/smoke.yaml")
+    assert listed[second].entrypoint.startswith("raycv tune search_spaces/smoke.yaml")
     assert f"report: {out_dir / 'report.md'}" in logs
     report = json.loads((out_dir / "report.json").read_text())
-    assert len(report["trials"]) == 1
+    assert [t["status"] for t in report["trials"]] == ["finished"]
+    assert report["trials"][0]["trial_id"] == trial["trial_id"]
 
     # raycv's own metrics reached the node's Prometheus endpoint with sensible values.
     for name in ("ray_raycv_cv_rmse", "ray_raycv_cv_rmse_best", "ray_raycv_fold_rmse",
