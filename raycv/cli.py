@@ -140,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         # those are overrides too, in command-line order.
         args, extra = parser.parse_known_args(argv)
         unknown = [item for item in extra if item.startswith("-") or "=" not in item or not hasattr(args, "overrides")]
-        if unknown:
-            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        if unknown:  # the subcommand's own --help lists what it takes
+            raise RaycvError(f"unrecognized arguments: {' '.join(unknown)} (see raycv {args.command} --help)")
         if extra:
             args.overrides = args.overrides + extra
         from raycv import commands

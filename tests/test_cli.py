@@ -218,10 +218,12 @@ def test_a_fold_out_of_range_writes_nothing(train_csv, capsys, tmp_path):
         ([], r"raycv: error: the following arguments are required: command"),
         (["train-fold", SMOKE], r"raycv: error: the following arguments are required: --fold"),
         (["train-fold", SMOKE, "--fold", "one"], r"raycv: error: argument --fold: invalid int value: 'one'"),
-        (["validate", SMOKE, "--color"], r"raycv: error: unrecognized arguments: --color"),
+        (["validate", SMOKE, "--color"], r"raycv: error: unrecognized arguments: --color \(see raycv validate --help"),
+        (["report", "x", "--out", "y"], r"raycv: error: unrecognized arguments: --out y \(see raycv report --help"),
         (["tune", SMOKE, "--address", ""], r"raycv: error: argument --address: empty; give the cluster's address"),
     ],
-    ids=["unknown-subcommand", "no-subcommand", "no-fold", "fold-not-int", "unknown-flag", "empty-address"],
+    ids=["unknown-subcommand", "no-subcommand", "no-fold", "fold-not-int", "unknown-flag", "unknown-flag-of-report",
+         "empty-address"],
 )
 def test_bad_command_lines(argv, expected, capsys):
     [line] = bad_input(argv, capsys)

@@ -75,6 +75,18 @@ def test_a_gcs_storage_that_cannot_be_written_is_refused_in_seconds():
     assert "\n" not in problem
 
 
+@pytest.mark.parametrize("uri", ["s3://", "s3:///runs", "gs://", "gs:///runs/x"])
+def test_a_storage_uri_without_a_bucket_is_named_as_such(uri, tmp_path):
+    """pyarrow's "Path cannot start with a separator ('/.raycv-probe-...')" named neither the bucket nor the
+    fix; a local path given as file:///... is no bucket URI and is written as usual."""
+    from raycv import storage
+
+    scheme = uri.split("://")[0]
+    assert storage.probe(uri) == (f"run.storage_path: {uri} names no bucket; give {scheme}://BUCKET or "
+                                  f"{scheme}://BUCKET/PREFIX")
+    assert storage.probe(f"file://{tmp_path}/runs") is None
+
+
 def test_storage_writes_ride_out_an_outage_and_then_fail_in_one_line(s3, monkeypatch):
     """raycv's own reads and writes retry an endpoint that went away; past their patience, one line."""
     from raycv import storage
