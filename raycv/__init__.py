@@ -8,6 +8,7 @@ Tune) -> collect (out-of-fold predictions) -> report; below them all, storage (t
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -25,6 +26,19 @@ def first_line(exc: BaseException) -> str:
     the message is empty (an empty file makes torch and others raise with no text)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
+
+
+_SHOWN = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlong = 3, 80, 80, 40
+_SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = _SHOWN.maxset = 6
+SHOWN_MAX = 200
+
+
+def shown(value: object) -> str:
+    """A user's value, as an error line quotes it: its repr, cut short. A YAML alias bomb (each list nine
+    aliases of the one before) printed a 226 MB line; a 1 MB cell or config value would print all of it."""
+    text = _SHOWN.repr(value)
+    return text if len(text) <= SHOWN_MAX else text[:SHOWN_MAX - 3] + "..."
 
 
 def attempt(problems: list[str], step: Callable[[], T]) -> T | None:

@@ -23,7 +23,7 @@ import pandas as pd
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from raycv import RaycvError, first_line, storage
+from raycv import RaycvError, first_line, shown, storage
 from raycv.config import fold_and_seed
 
 STATUSES = {
@@ -123,10 +123,11 @@ def load_run_state(run_dir: Path) -> RunState | None:
     try:
         state = TypeAdapter(RunState).validate_python(json.loads(path.read_bytes().decode()))
         if state.state not in RUN_STATES:
-            raise ValueError(f"state {state.state!r} is none of {', '.join(RUN_STATES)}")
+            raise ValueError(f"state {shown(state.state)} is none of {', '.join(RUN_STATES)}")
         for record in state.trials:
             if record.status not in STATUSES:
-                raise ValueError(f"trial {record.trial_id}: status {record.status!r} is none of {', '.join(STATUSES)}")
+                raise ValueError(f"trial {record.trial_id}: status {shown(record.status)} is none of "
+                                 f"{', '.join(STATUSES)}")
     except (OSError, ValueError) as exc:  # pydantic's ValidationError and JSON's errors are ValueErrors
         reason = first_line(exc) if not isinstance(exc, ValidationError) else _first_error(exc)
         raise RaycvError(f"{path}: not a run state raycv wrote ({reason}); it may be cut short or edited") from None

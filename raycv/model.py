@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from raycv import RaycvError, first_line
+from raycv import RaycvError, first_line, shown
 from raycv.config import HUB_PREFIX, MINILM_ALIAS, ModelConfig, PretrainedBackbone, StructBertBackbone, TinyBackbone
 
 log = logging.getLogger(__name__)
@@ -105,15 +105,15 @@ def read_structbert_config(config_path: str | Path, attention: str = "sdpa"):
         raise RaycvError(f"{config_path}: not a BERT config, missing {', '.join(missing)}")
     sizes = [key for key in BERT_SIZE_KEYS if key in raw and not (type(raw[key]) is int and raw[key] > 0)]
     if sizes:
-        raise RaycvError(f"{config_path}: {', '.join(f'{key} {raw[key]!r}' for key in sizes)}: expected whole "
+        raise RaycvError(f"{config_path}: {', '.join(f'{key} {shown(raw[key])}' for key in sizes)}: expected whole "
                          "numbers above 0")
     if raw["hidden_size"] % raw["num_attention_heads"]:
         raise RaycvError(f"{config_path}: hidden_size {raw['hidden_size']} is not a multiple of "
                          f"num_attention_heads {raw['num_attention_heads']}")
-    bad = [f"{key} {raw[key]!r}" for key in BERT_FLOAT_KEYS if key in raw
+    bad = [f"{key} {shown(raw[key])}" for key in BERT_FLOAT_KEYS if key in raw
            and not (type(raw[key]) in (int, float) and 0 <= raw[key] < (1 if "prob" in key else float("inf")))]
     if "hidden_act" in raw and not (isinstance(raw["hidden_act"], str) and raw["hidden_act"] in ACT2FN):
-        bad.append(f"hidden_act {raw['hidden_act']!r}")
+        bad.append(f"hidden_act {shown(raw['hidden_act'])}")
     if bad:
         raise RaycvError(f"{config_path}: {', '.join(bad)}: not a value a BERT config takes")
     settings = {key: float(raw[key]) if key in BERT_FLOAT_KEYS else raw[key] for key in BERT_CONFIG_KEYS if key in raw}

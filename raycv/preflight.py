@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from raycv import RaycvError, storage
+from raycv import RaycvError, shown, storage
 from raycv.config import Config, StructBertBackbone
 from raycv.data import DataError, EncodedFolds, encode_folds
 from raycv.model import (
@@ -49,7 +49,8 @@ def drawable_configs(config: Config) -> list[tuple[str, Config]]:
     configs = [("", config)]
     for key, dim in config.search.params.items():
         for value in dim.values_to_check():
-            configs.append((f"search.params.{key}.{dim.kind} value {value!r}: ", config.with_overrides({key: value})))
+            where = f"search.params.{key}.{dim.kind} value {shown(value)}: "
+            configs.append((where, config.with_overrides({key: value})))
     return configs
 
 

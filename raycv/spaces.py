@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from raycv import RaycvError, first_line
+from raycv import RaycvError, first_line, shown
 from raycv.config import (
     BACKBONE_TYPES,
     DISTRIBUTIONS,
@@ -53,7 +53,8 @@ class ConfigError(RaycvError):
 
     def __init__(self, source: str | None, problems: list[str]):
         # source None: each problem names its own file or flag (problems of several inputs at once)
-        self.source, self.problems = source, problems
+        # the same line twice says nothing more (equal values of a grid, aliases of one YAML node)
+        self.source, self.problems = source, list(dict.fromkeys(problems))
         super().__init__((f"{source}: " if source else "") + " | ".join(problems))
 
     def lines(self) -> list[str]:
@@ -158,7 +159,7 @@ class UniqueKeyLoader(yaml.SafeLoader):
                     continue
                 if first is not None:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"key {key!r} is given twice (first on line {first}); keep one",
+                        None, None, f"key {shown(key)} is given twice (first on line {first}); keep one",
                         key_node.start_mark)
                 seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep)
@@ -210,7 +211,7 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> list[s
             set_dotted(raw, key, value)
             given.add(key)
         except ValueError as exc:
-            problems.append(f"override {item!r}: {exc}")
+            problems.append(f"override {shown(item)}: {exc}")
     return problems
 
 
@@ -241,7 +242,7 @@ def describe_errors(errors: ValidationError | list[dict]) -> list[str]:
                        f"(the samplers: {', '.join(DISTRIBUTIONS)})")
             lines.append(f"{'.'.join(loc)}: unknown key; {fix}")
         else:
-            found = "" if isinstance(err.get("input"), dict) else f", found {err.get('input')!r}"
+            found = "" if isinstance(err.get("input"), dict) else f", found {shown(err.get('input'))}"
             lines.append(f"{'.'.join(loc) or '(top)'}: {err['msg'].removeprefix('Value error, ')}{found}")
     return lines
 
@@ -308,7 +309,8 @@ def _check_search(raw: dict, file_errors: list[dict]) -> list[str]:
                 # that the file without this value does not already have.
                 new = [err for err in exc.errors()
                        if _nested(signature(err)[0], key) and signature(err) not in reported]
-                problems += [f"{where}.{dim.kind}: value {value!r} is invalid: {line}" for line in describe_errors(new)]
+                problems += [f"{where}.{dim.kind}: value {shown(value)} is invalid: {line}"
+                             for line in describe_errors(new)]
             except ValueError:  # a section on the key's path is no mapping: the file's validation says so
                 break
     scheduler = _section(raw, "scheduler")

@@ -52,6 +52,7 @@ TINY = {
 }
 ROWS = 40
 MAX_LINES = 12  # "a few lines": one per problem
+MAX_LINE_CHARS = 1000  # a line, not a dump of the input (a value the line quotes is cut short)
 NAMES = re.compile(r"[\w-]+\.[\w.\[\]-]+|--[a-z-]+|/|\brows?\b|\bline \d|override|command|argument")
 SETTINGS = {"derandomize": True, "deadline": None, "database": None,
             "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]}
@@ -85,6 +86,7 @@ def run_cli(argv: list[str], cwd: Path, outputs: tuple[str, ...] = ()) -> tuple[
         assert 1 <= len(lines) <= MAX_LINES, (argv, err)
         for line in lines:
             assert line.startswith("raycv: error: "), (argv, err)
+            assert len(line) <= MAX_LINE_CHARS, (argv, len(line), line[:500])
             assert NAMES.search(line.removeprefix("raycv: error: ")), (argv, line)  # names a key, file or row
         assert after == before, (argv, err, sorted(set(after) ^ set(before)))
     else:
@@ -248,6 +250,36 @@ def test_any_search_space_for_validate(small_csv, data):
     with workdir() as cwd:
         (cwd / "space.yaml").write_bytes(raw)
         run_cli(["validate", "space.yaml", "--no-model"], cwd)
+
+
+def alias_bomb(width: int, depth: int) -> str:
+    """A YAML value of `depth` nested lists, each `width` aliases of the one inside it: a few hundred bytes
+    that are width**depth leaves once expanded (PyYAML shares the nodes; printing the value does not)."""
+    node = f"&a0 [{', '.join(['x'] * width)}]"
+    for level in range(1, depth):
+        node = f"&a{level} [{node}{f', *a{level - 1}' * (width - 1)}]"
+    return node
+
+
+@settings(max_examples=15, **SETTINGS)
+@given(width=st.integers(2, 9), depth=st.integers(1, 8),
+       key=st.sampled_from(LEAF_KEYS + ["search.params", "search.params.train.lr.grid",
+                                        "search.params.train.lr.choice", "resources.custom_per_fold.x"]))
+def test_a_yaml_alias_bomb_anywhere_is_a_few_short_lines(small_csv, width, depth, key):
+    """9 levels of 9 aliases printed a 226 MB error line (1.4 GB of memory, 8 s) for `train.lr`."""
+    space = tiny_space(small_csv)
+    *parents, leaf = key.split(".") if not key.startswith("search.params.train.lr") else \
+        ["search", "params", "train.lr", key.rsplit(".", 1)[1]]
+    section = space
+    for part in parents:
+        section = section.setdefault(part, {}) if isinstance(section.get(part), dict | None) else {}
+    section[leaf] = "BOMB"
+    text = yaml.safe_dump(space, sort_keys=False).replace("BOMB", alias_bomb(width, depth), 1)
+    with workdir() as cwd:
+        (cwd / "space.yaml").write_text(text)
+        code, _, err = run_cli(["validate", "space.yaml", "--no-model"], cwd)
+    assert code == 2 or width ** depth < 10, err  # a bomb is no value of any key; 9 leaves may be a valid list
+    assert len(err) <= MAX_LINES * MAX_LINE_CHARS
 
 
 @settings(max_examples=50, **SETTINGS)
