@@ -135,7 +135,19 @@ def predict_run(run_dir: Path, report: dict, which: str, data_path: str) -> tupl
     how = (f"the stacked ensemble: intercept {intercept:.4f} + " + " + ".join(
         f"{w:.4f} x trial {t}" for t, w in weights.items()) + " (each trial the average of its fold models)"
         if stacked else f"the average of the {models} fold models of {', '.join(weights)}")
-    return submission, how
+    return submission, how + (worse_than_best(report) if stacked else "")
+
+
+def worse_than_best(report: dict) -> str:
+    """Where the stacked ensemble's honest CV score is worse than the best trial's (weights fit to trials
+    whose predictions barely vary can be large and generalise badly: the report shows both), a note that
+    says so; else ''."""
+    best = next((t for t in report["trials"] if t["trial_id"] == report["best_trial"]), None)
+    stacked = report["stacked_ensemble"]["cv_rmse_last"]
+    if best is None or best["cv_rmse_last"] is None or stacked <= best["cv_rmse_last"]:
+        return ""
+    return (f"\nnote: the stacked ensemble's CV RMSE ({stacked:.4f}, its weights fit on the other folds) is worse "
+            f"than the best trial's ({best['cv_rmse_last']:.4f}); --trials best may serve better")
 
 
 def predict_texts(run_dir: Path, trial_ids: list[str], data_path: str, batch_size: int = 32,

@@ -264,6 +264,20 @@ def test_oof_files_that_cannot_be_stacked_give_a_reason_not_a_traceback(run_dir,
         "cannot stack the finished trials: the trials' OOF predictions share rows of fewer than two folds")
 
 
+def test_a_stacked_ensemble_worse_than_the_best_trial_is_said_so_when_predicting(run_dir):
+    """Weights fit to trials whose predictions barely vary (a short smoke run) can be in the thousands and
+    score worse than the best trial on the folds they were not fit on; `predict --trials stacked` says so."""
+    from raycv.predict import worse_than_best
+
+    report = write_report(run_dir)["report"]
+    assert worse_than_best(report) == ""  # here it beats every trial
+    best = next(t for t in report["trials"] if t["trial_id"] == report["best_trial"])
+    report["stacked_ensemble"]["cv_rmse_last"] = best["cv_rmse_last"] + 0.25
+    assert worse_than_best(report) == (
+        f"\nnote: the stacked ensemble's CV RMSE ({best['cv_rmse_last'] + 0.25:.4f}, its weights fit on the other "
+        f"folds) is worse than the best trial's ({best['cv_rmse_last']:.4f}); --trials best may serve better")
+
+
 def test_stacked_prediction_needs_the_weighted_trials_models(run_dir):
     report = write_report(run_dir)["report"]
     weights, intercept, keep = chosen_trials(report, "stacked")
@@ -343,7 +357,11 @@ def test_predict_stacked_writes_the_weighted_submission(smoke_run, train_csv, tm
         if not (copy / "models" / trial_id).is_dir():
             shutil.copytree(copy / "models" / report["best_trial"], copy / "models" / trial_id)
     assert main(["predict", str(copy), "--data", data, "--out", str(out), "--trials", "stacked"]) == 0
-    assert "the stacked ensemble: intercept" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "the stacked ensemble: intercept" in printed
+    best_cv = next(t["cv_rmse_last"] for t in report["trials"] if t["trial_id"] == report["best_trial"])
+    note = "note: the stacked ensemble's CV RMSE ("
+    assert (note in printed) == (report["stacked_ensemble"]["cv_rmse_last"] > best_cv), printed
     submission = pd.read_csv(out, dtype={"id": str})
     assert list(submission.columns) == ["id", "target"] and submission["id"].tolist() == test["id"].tolist()
     expected = intercept + sum(w * predict_texts(copy, [t], data)["target"].to_numpy() for t, w in weights.items())
