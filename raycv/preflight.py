@@ -239,18 +239,19 @@ def check_mlflow_reachable(tracking_uri: str) -> list[str]:
             "sqlite:///mlflow.db or http://HOST:5000"]
 
 
-def output_problems(flag: str, path: Path, files: tuple[str, ...] = (), directory: bool = False) -> list[str]:
+def output_problems(flag: str, path: Path, files: tuple[str, ...] = (), directory: bool = False,
+                    example: str = "out.csv") -> list[str]:
     """Where a command will write, checked before it does any work: a file (no `files`, not `directory`) must
     not be a directory, a directory (holding `files`) must not be a file, and the nearest existing folder above
     must take a new file (tried: permissions alone say nothing to root, and /proc refuses anyway). `flag`: the
-    command-line flag or the config key that names the place."""
+    command-line flag or the config key that names the place; `example`, a file name the fix suggests."""
     directory = directory or bool(files)
     other = f"{flag} DIR" if flag.startswith("--") else f"{flag}=DIR"
     try:
         if not directory and path.is_dir():
-            return [f"{flag}: {path} is a directory; name a file in it, e.g. {flag} {path / 'out.csv'}"]
+            return [f"{flag}: {path} is a directory; name a file in it, e.g. {flag} {path / example}"]
         if not directory and (problem := storage.not_a_file_to_replace(path)):  # written by a rename, which replaces it
-            return [f"{flag}: {path} {problem}; name a file, e.g. {flag} out.csv"]
+            return [f"{flag}: {path} {problem}; name a file, e.g. {flag} {example}"]
         if directory and path.exists() and not path.is_dir():
             return [f"{flag}: {path} is a file, not a directory; choose another with {other}"]
         taken = [name for name in files if (path / name).is_dir()]

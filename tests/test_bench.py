@@ -82,7 +82,7 @@ def test_bad_bench_arguments_are_all_refused_before_measuring(peak, capsys, tmp_
     assert len(lines) == 3, lines
     assert lines[0].startswith("raycv: error: --peak-tflops: expected the GPU's dense bf16 peak in TFLOP/s")
     assert lines[1] == (f"raycv: error: --out: {tmp_path} is a directory; name a file in it, "
-                        f"e.g. --out {tmp_path / 'out.csv'}")
+                        f"e.g. --out {tmp_path / 'bench.json'}")  # bench writes JSON
     assert "data.path: file not found" in lines[2]
     assert list(tmp_path.iterdir()) == []
 
