@@ -216,11 +216,10 @@ def retrying(storage_path: str, action: Callable[[], T], retry_for_s: float | No
 def probe(storage_path: str) -> str | None:
     """Write and delete a small object under the storage, with short timeouts and no retries: None where
     that works, else one line naming run.storage_path, what went wrong and the fix."""
-    scheme = urlparse(storage_path).scheme
-    if is_remote(storage_path) and scheme != "file" and not urlparse(storage_path).netloc:  # pyarrow: "Path cannot
+    uri = urlparse(storage_path)
+    if is_remote(storage_path) and uri.scheme != "file" and not uri.netloc:  # pyarrow said only "Path cannot
         # start with a separator ('/.raycv-probe-...')"
-        return (f"run.storage_path: {storage_path} names no bucket; give {scheme}://BUCKET or "
-                f"{scheme}://BUCKET/PREFIX")
+        return f"run.storage_path: {storage_path} names no bucket; give {uri.scheme}://BUCKET or {uri.scheme}://BUCKET/PREFIX"
     try:
         _write_probe(storage_path)
     except (OSError, ValueError, pyarrow.ArrowException) as exc:
