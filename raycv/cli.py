@@ -22,7 +22,7 @@ import os
 import sys
 from importlib import metadata
 
-from raycv import RaycvError
+from raycv import RaycvError, progress
 
 EXIT_BAD_INPUT = 2
 
@@ -133,6 +133,8 @@ def working_folder() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Before anything imports ray: its driver's log deduplicator reads this once, at import.
+    os.environ["RAY_DEDUP_LOGS_ALLOW_REGEX"] = progress.dedup_allow_regex(os.environ.get("RAY_DEDUP_LOGS_ALLOW_REGEX"))
     try:
         working_folder()
         parser = build_parser()

@@ -11,6 +11,19 @@
 
 from __future__ import annotations
 
+# Every line above, as a fold worker prints it, starts so. Ray's driver deduplicates worker lines that are
+# equal but for their numbers, across processes ("[repeated 3x across cluster]", only the latest shown): that
+# would eat the lines of every fold but one, of concurrent trials, and of a trial's workers after a restart.
+LINE_START = r"^trial \S+ \| "
+
+
+def dedup_allow_regex(current: str | None) -> str:
+    """RAY_DEDUP_LOGS_ALLOW_REGEX for the driver (read when ray is first imported): the user's own, if any,
+    and raycv's progress lines, which Ray then prints as they come."""
+    if not current or LINE_START in current:  # unset, or already ours (a raycv started by a raycv)
+        return current or LINE_START
+    return f"(?:{current})|(?:{LINE_START})"
+
 
 def worker_line(trial: str, fold: int, num_folds: int, pid: int, rank: int | None = None,
                 world_size: int | None = None, seed: int | None = None) -> str:

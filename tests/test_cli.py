@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
@@ -280,3 +282,53 @@ def test_the_console_script_end_to_end(tmp_path):
     assert module.returncode == 2
     assert module.stderr.startswith("raycv: error: the following arguments are required: space")
     assert module.stderr.endswith(" (see raycv validate --help)\n") and module.stderr.count("\n") == 1
+
+
+def test_rays_driver_prints_every_progress_line_of_every_worker(tmp_path):
+    """Ray's driver deduplicates worker lines that differ only in their numbers, across processes: three folds'
+    lines would come out as one and "[repeated 2x across cluster]", as would two concurrent trials' lines, or a
+    trial's after its workers restart on another node. `raycv` keeps its progress lines out of that; Ray's own
+    lines are deduplicated as before. Ray's real deduplicator, as `raycv` leaves it, fed as its log monitor
+    would feed it."""
+    code = f"""
+import json, sys
+from types import SimpleNamespace
+from raycv import cli, progress
+assert 'ray' not in sys.modules
+cli.main(['validate', {str(tmp_path / 'missing.yaml')!r}])  # any command: the setting comes first
+from ray._private.ray_logging import stdout_deduplicator
+
+def point(fold, index):
+    return SimpleNamespace(fold=fold, index=index, num_points=8, step=10 * index, total_steps=80, epoch=index / 8,
+                           train_loss=0.5, val_rmse=0.6 + fold / 100, best_rmse=0.6, samples_per_s=9.0,
+                           elapsed_s=3.0 * index)
+
+scores = {{'cv_rmse_last': 0.61, 'cv_rmse_best': 0.6, 'fold_rmse_last': [0.6, 0.61, 0.62]}}
+batches = []
+for index in (1, 2):
+    for trial, first_pid in (('ab12_00000', 100), ('ab12_00001', 200)):
+        for fold in range(3):
+            lines = [progress.fold_line(point(fold, index), trial)]
+            if fold == 0:
+                lines.append(progress.trial_line(trial, point(fold, index), scores))
+            batches.append({{'ip': '10.0.0.1', 'pid': first_pid + fold, 'lines': lines}})
+# the same trial's rank 0 after a restart on another node: a new process prints point 2 again
+batches.append({{'ip': '10.0.0.2', 'pid': 300, 'lines': [progress.trial_line('ab12_00000', point(0, 2), scores)]}})
+# a line of Ray's own from three workers: deduplicated as Ray does
+batches += [{{'ip': '10.0.0.1', 'pid': pid, 'lines': ['(pid=gcs) Warning: 3 pending tasks']}} for pid in (1, 2, 3)]
+out = [line for batch in batches for kept in stdout_deduplicator.deduplicate(batch) for line in kept['lines']]
+out += [line for kept in stdout_deduplicator.flush() for line in kept['lines']]
+print(json.dumps(out))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "RAY_DEDUP_LOGS_ALLOW_REGEX"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    fold_lines = [line for line in out if re.match(r"trial \S+ \| fold \d \| point", line)]
+    trial_lines = [line for line in out if re.match(r"trial \S+ \| point \d/8 \| step", line)]
+    assert len(fold_lines) == 2 * 2 * 3 and len(set(fold_lines)) == 12, out
+    assert len(trial_lines) == 2 * 2 + 1, out
+    assert [line for line in trial_lines if "point 2/8" in line and "ab12_00000" in line] == [trial_lines[2]] * 2
+    ray_lines = [line for line in out if "pending tasks" in line]
+    assert ray_lines[0] == "(pid=gcs) Warning: 3 pending tasks" and len(ray_lines) == 2, out
+    assert "repeated 2x across cluster" in ray_lines[1], out
