@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from helpers import (
+    CURRENT_TEST,
     LAYOUT_PREFIXES,
     S3_BUCKET,
     TINY_SPACE,
@@ -192,6 +193,16 @@ def pytest_collection_modifyitems(config, items):
             item.user_properties.append(("missing", reason))
         else:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """helpers.marked_ray asks which test starts Ray: a session fixture starts it for the first test using it."""
+    CURRENT_TEST[0] = item
+    try:
+        return (yield)
+    finally:
+        CURRENT_TEST[0] = None
 
 
 @pytest.hookimpl(tryfirst=True)

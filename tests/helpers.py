@@ -145,6 +145,17 @@ def die_with_pytest() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+CURRENT_TEST: list = [None]  # the pytest item being set up or run (conftest.py keeps it)
+
+
+def marked_ray(what: str) -> None:
+    """Fail the current test if it starts a Ray cluster (`what`) without the `ray` mark: `pytest -m "not ray"`
+    would run it, and the time limit and the Ray tests' selection would not apply. Called where Ray starts."""
+    item = CURRENT_TEST[0]
+    if item is not None and item.get_closest_marker("ray") is None:
+        pytest.fail(f"{item.nodeid} starts Ray ({what}) but is not marked ray: add @pytest.mark.ray", pytrace=False)
+
+
 def run_raycv(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
     """`python -m raycv.cli ARGS` in its own process group; past `timeout` the whole group (the driver and
     the local Ray it started, which shares its fate) is killed and the test fails instead of hanging."""
@@ -158,12 +169,15 @@ def run_raycv(args: list[str], cwd: Path, timeout: float) -> subprocess.Complete
         kill_group(proc)
         out, err = proc.communicate()
         pytest.fail(f"raycv {' '.join(args)} ran past {timeout} s\n{out[-3000:]}\n{err[-3000:]}")
+    if args[0] in ("tune", "bench") and proc.returncode == 0:  # it ran a search: a local Ray started
+        marked_ray(f"raycv {args[0]}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def start_raycv(args: list[str], cwd: Path, log_path: Path, env: dict | None = None) -> subprocess.Popen:
     """`python -m raycv.cli ARGS` in the background, in its own process group, its output in `log_path`;
     the test ends it (kill_group). `env`: default, that of a run which starts its own local Ray."""
+    marked_ray(f"raycv {args[0]}")
     with open(log_path, "w") as log:
         return subprocess.Popen([sys.executable, "-m", "raycv.cli", *args], cwd=cwd, env=env or raycv_env(), text=True,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -201,6 +215,7 @@ def ray_head(home: Path, extra_args: list[str] = (), extra_env: dict | None = No
     of its own and a temp dir of its own (short: Ray's socket paths must fit 107 bytes; and it keeps the
     head's "current cluster" address out of /tmp/ray, where a later ray.init() would look). On exit the
     group is ended -- the head and every process it started -- and nothing else."""
+    marked_ray("ray start --head")
     token_path = Path(home) / "auth_token"
     token_path.write_text(secrets.token_hex(32))
     token = token_path.read_text().strip()

@@ -268,6 +268,8 @@ def test_readmes_cluster_commands_are_ones_test_ray_up_runs():
         assert as_onprem in onprem, f"README's {shlex.join(command)} is not in cluster-onprem.yaml's header"
 
 
+@pytest.mark.ray  # the session's smoke search starts for the first test that reads it
+@pytest.mark.timeout(1500)
 @pytest.mark.parametrize("command", by_kind("run"), ids=shlex.join)
 def test_a_readme_command_on_the_smoke_run_runs(command, smoke_run, placeholders, tmp_path, monkeypatch, capsys):
     """raycv report / predict on a copy of the session's smoke run (runs/smoke, as README names it)."""
