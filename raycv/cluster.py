@@ -257,11 +257,13 @@ GCS_RECONNECT_TIMEOUT_ENV = "RAY_gcs_rpc_server_reconnect_timeout_s"
 
 class ClusterWatch:
     """Watches the cluster's GCS port from the driver, in a thread. A head that went away (its machine lost,
-    `ray stop` on it, the local Ray killed) leaves Ray's core retrying for gcs_rpc_server_reconnect_timeout_s
+    the local Ray killed) leaves Ray's core retrying for gcs_rpc_server_reconnect_timeout_s
     and then ending the driver with its own log line; a GCS that comes back within that time (GCS fault
     tolerance) is reconnected to. Shortly before Ray's patience runs out (5/6 of it, at least 5 s before),
     `on_lost(seconds)` runs once: what raycv says and saves before Ray ends the process. A listening port is
-    the kernel's answer, so a busy GCS still counts as there."""
+    the kernel's answer, so a busy GCS still counts as there. (Ray stopped in order on the driver's own node
+    is not caught: Ray's core ends the driver at once when its raylet's object store goes; see
+    docs/troubleshooting.md.)"""
 
     def __init__(self, gcs_address: str, on_lost, poll_s: float = 2.0):
         host, _, port = gcs_address.rpartition(":")

@@ -349,5 +349,11 @@ def _resolve_paths(raw: dict, space_path: Path, model_files: bool = True) -> lis
             what = "directory" if is_dir else "file"
             tried = " or ".join(str(c) for c in dict.fromkeys(candidates))
             hint = " (Kaggle's train.csv, competition commonlitreadabilityprize)" if key == "data.path" else ""
-            problems.append(f"{key}: {what} not found (tried {tried}); set {key}=/path/to/{what}{hint}")
+            there = next((c for c in candidates if c.exists()), None)  # something else by that name
+            if there is None:
+                problems.append(f"{key}: {what} not found (tried {tried}); set {key}=/path/to/{what}{hint}")
+            else:
+                kind_there = ("is a directory" if there.is_dir() else "is a file" if there.is_file()
+                              else "is a device, pipe or socket")
+                problems.append(f"{key}: {there} {kind_there}, not a {what}; set {key}=/path/to/{what}{hint}")
     return problems

@@ -211,6 +211,26 @@ def test_a_missing_data_file_is_reported(tiny_space, tmp_path):
                        "(Kaggle's train.csv, competition commonlitreadabilityprize)")
 
 
+@pytest.mark.parametrize("kind", ["directory", "fifo", "device"])
+def test_a_data_path_that_is_not_a_file_says_what_it_is(kind, tiny_space, tmp_path):
+    """A FIFO would block a reader forever and /dev/zero never end: neither is opened, and the line says what
+    is there instead of "not found"."""
+    path = {"directory": tmp_path, "fifo": tmp_path / "pipe", "device": Path("/dev/null")}[kind]
+    if kind == "fifo":
+        os.mkfifo(path)
+    [problem] = problems_of(tiny_space(), [f"data.path={path}"])
+    what = "a directory" if kind == "directory" else "a device, pipe or socket"
+    assert problem == (f"data.path: {path} is {what}, not a file; set data.path=/path/to/file "
+                       "(Kaggle's train.csv, competition commonlitreadabilityprize)")
+
+
+def test_a_backbone_directory_that_is_a_file_says_so(tiny_space, tmp_path):
+    (tmp_path / "model").write_text("not a directory")
+    [problem] = problems_of(tiny_space(), ["model.backbone.type=pretrained", f"model.backbone.path={tmp_path / 'model'}"])
+    assert problem == (f"model.backbone.path: {tmp_path / 'model'} is a file, not a directory; "
+                       "set model.backbone.path=/path/to/directory")
+
+
 def test_a_relative_data_path_resolves_against_the_yaml_folder(tmp_path, train_csv, monkeypatch):
     (tmp_path / "spaces" / "data").mkdir(parents=True)
     (tmp_path / "spaces" / "data" / "train.csv").symlink_to(train_csv)
