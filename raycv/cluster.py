@@ -262,8 +262,7 @@ class ClusterWatch:
     tolerance) is reconnected to. Shortly before Ray's patience runs out (5/6 of it, at least 5 s before),
     `on_lost(seconds)` runs once: what raycv says and saves before Ray ends the process. A listening port is
     the kernel's answer, so a busy GCS still counts as there. (Ray stopped in order on the driver's own node
-    is not caught: Ray's core ends the driver at once when its raylet's object store goes; see
-    docs/troubleshooting.md.)"""
+    is not seen here: Ray's core ends the driver at once when its object store goes; driver_guard says it.)"""
 
     def __init__(self, gcs_address: str, on_lost, poll_s: float = 2.0):
         host, _, port = gcs_address.rpartition(":")

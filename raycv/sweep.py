@@ -32,7 +32,7 @@ from ray.train.v2.api.exceptions import TrainingFailedError
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import FIFOScheduler
 
-from raycv import RaycvError, first_line, storage
+from raycv import RaycvError, driver_guard, first_line, storage
 from raycv.cluster import ClusterWatch, describe_workers, plan_resources, start_ray, trial_driver_resources
 from raycv.collect import (
     ENDED,
@@ -306,6 +306,7 @@ def run_sweep(config: Config, plan: Plan, address: str | None = None, resume: bo
             state = previous
             state.state, state.driver = "running", this_driver()
         save_run_state(output_dir, state)
+        driver_guard.start(output_dir, config.run.storage_path or "", resume_command)  # if Ray's core ends us
         table = plan.encoded.table
         print(f"raycv tune {config.run.name}{' (resumed)' if previous else ''}: {len(table)} rows, "
               f"{config.data.num_folds} folds ({'/'.join(map(str, plan.valid_sizes))} validation rows), "

@@ -20,6 +20,7 @@ LAYERS = [
     {"spaces", "config_reference", "data", "model", "collect"},
     {"train_fold", "report"},
     {"worker", "preflight", "cluster", "predict", "tracking", "scheduler"},
+    {"driver_guard"},
     {"sweep"},
     {"bench"},
     {"commands"},
