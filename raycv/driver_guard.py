@@ -27,20 +27,17 @@ import sys
 from pathlib import Path
 
 
-def start(run_dir: Path, storage_path: str, resume_command: str) -> subprocess.Popen:
+def start(run_dir: Path, storage_path: str, resume_command: str) -> None:
     """Start the guard of this process's run; it watches until this process ends."""
-    read_end, write_end = os.pipe()  # not inheritable: Ray's processes started from here do not hold it
-    guard = subprocess.Popen(
+    # Neither end is inheritable: Ray's processes started from here do not hold the write end, which this
+    # process never closes (the kernel closes it as the process ends).
+    read_end, _write_end = os.pipe()
+    subprocess.Popen(
         [sys.executable, "-m", "raycv.driver_guard", str(read_end), str(os.getpid()), str(run_dir), storage_path,
          resume_command],
         pass_fds=(read_end,), stdin=subprocess.DEVNULL,
     )
     os.close(read_end)
-    _held.append(write_end)  # open until this process ends
-    return guard
-
-
-_held: list[int] = []
 
 
 def watch(read_end: int, driver_pid: int, run_dir: Path, storage_path: str, resume_command: str) -> int:
@@ -53,14 +50,28 @@ def watch(read_end: int, driver_pid: int, run_dir: Path, storage_path: str, resu
 
 def after_driver(driver_pid: int, run_dir: Path, storage_path: str, resume_command: str) -> int:
     from raycv import RaycvError
-    from raycv.collect import load_run_state, mark_interrupted, save_run_state
 
     try:
-        state = load_run_state(run_dir)
-    except RaycvError:
+        if not interrupt_run(run_dir, storage_path, driver_pid):
+            return 0  # the driver ended the run itself, or another driver has it now
+    except RaycvError:  # run.json unreadable: nothing to mark
         return 0
-    if state is None or state.state != "running" or state.driver.get("pid") != driver_pid:
-        return 0  # the driver ended the run itself, or another driver has it now
+    with contextlib.suppress(OSError):  # the terminal may have gone too: run.json says it
+        print(f"raycv: error: the search's driver (pid {driver_pid}) ended without ending the run (Ray's core ends "
+              "it when the Ray node it runs on stops, e.g. `ray stop` there; or it was killed); the run is "
+              f"interrupted, and resumes from its checkpoints: {resume_command}", file=sys.stderr, flush=True)
+    return 1
+
+
+def interrupt_run(run_dir: Path, storage_path: str | None, driver_pid: int | None = None) -> bool:
+    """Mark a run whose driver has gone (or is about to) `interrupted`, with its trials that had not ended
+    (collecting what the storage holds, if it answers), and remove their local checkpoint copies, whose uploads
+    died too. Only a run that still says `running` (under `driver_pid`, where given); returns whether it did."""
+    from raycv.collect import load_run_state, mark_interrupted, save_run_state
+
+    state = load_run_state(run_dir)
+    if state is None or state.state != "running" or driver_pid not in (None, state.driver.get("pid")):
+        return False
     try:
         mark_interrupted(state, storage_path, run_dir)  # what the storage holds
     except Exception:
@@ -68,12 +79,8 @@ def after_driver(driver_pid: int, run_dir: Path, storage_path: str, resume_comma
     save_run_state(run_dir, state)
     from raycv.worker import remove_checkpoint_dirs_of
 
-    remove_checkpoint_dirs_of({trial.trial_id for trial in state.trials})  # their uploads died with the driver
-    with contextlib.suppress(OSError):  # the terminal may have gone too: run.json says it
-        print(f"raycv: error: the search's driver (pid {driver_pid}) ended without ending the run (Ray's core ends "
-              "it when the Ray node it runs on stops, e.g. `ray stop` there; or it was killed); the run is "
-              f"interrupted, and resumes from its checkpoints: {resume_command}", file=sys.stderr, flush=True)
-    return 1
+    remove_checkpoint_dirs_of({trial.trial_id for trial in state.trials})
+    return True
 
 
 if __name__ == "__main__":

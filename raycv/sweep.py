@@ -364,16 +364,8 @@ def watch_cluster(config: Config, address: str | None, resume_command: str) -> C
                   (f"the local Ray (GCS {gcs_address})", "its processes were killed: out of memory?"))
 
     def on_lost(silent_for: float) -> None:
-        output_dir = Path(config.run.output_dir)
         try:
-            state = load_run_state(output_dir)
-            if state is not None and state.state == "running":
-                try:
-                    mark_interrupted(state, config.run.storage_path, output_dir)  # what the storage holds
-                except Exception:
-                    mark_interrupted(state, None, output_dir)
-                save_run_state(output_dir, state)
-                remove_checkpoint_dirs_of({trial.trial_id for trial in state.trials})  # their uploads died too
+            driver_guard.interrupt_run(Path(config.run.output_dir), config.run.storage_path)
         finally:
             print(f"raycv: error: lost {where}: its GCS has not answered for {silent_for:.0f} s ({why}); the run "
                   f"is interrupted, and resumes from its checkpoints once a cluster is up: {resume_command}",

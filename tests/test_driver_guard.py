@@ -1,7 +1,6 @@
-"""A driver ended abruptly leaves an honest run: raycv.driver_guard, first with stand-in drivers (real processes
-that end as a driver can: killed, or by the exit Ray's core takes), then under a real `raycv tune` whose Ray
-node stops in order beneath it (Ray's core ends the driver on the spot: "The connection to the plasma store is
-failed. Terminate the process.").
+"""A driver ended abruptly leaves an honest run: raycv.driver_guard with stand-in drivers, real processes that
+end as a driver can (killed alone, or by the immediate exit Ray's core takes when the Ray node under it stops
+in order: "The connection to the plasma store is failed. Terminate the process."), and one that ends its run.
 """
 
 from __future__ import annotations
