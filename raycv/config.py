@@ -161,9 +161,12 @@ class Dimension(Section):
         return next(name for name in DISTRIBUTIONS if getattr(self, name) is not None)
 
     def values_to_check(self) -> list[Any]:
-        """Values that must each make a valid config: every listed value, or both bounds."""
+        """Values that must each make a valid config: every listed value; of a randint, every value where
+        there are few (a head count must divide the hidden size), else both bounds."""
         value = getattr(self, self.kind)
-        return [value[0], value[1] - 1] if self.kind == "randint" else list(value)
+        if self.kind == "randint":
+            return list(range(value[0], value[1])) if value[1] - value[0] <= 16 else [value[0], value[1] - 1]
+        return list(value)
 
 
 class SearchConfig(Section):

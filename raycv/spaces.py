@@ -14,6 +14,7 @@ import codecs
 import copy
 import difflib
 import importlib.resources
+import itertools
 from pathlib import Path
 
 import yaml
@@ -114,7 +115,7 @@ def load_config(space: str | Path, overrides: list[str] | tuple[str, ...] = (), 
     except ValidationError as exc:
         config, file_errors = None, exc.errors()
     # The search and path checks run even when the file has other errors: every problem at once.
-    problems += describe_errors(file_errors) + _check_search(raw, file_errors) + path_problems
+    problems += describe_errors(file_errors) + _check_search(raw, file_errors) + path_problems + _nul_problems(raw)
     if problems:
         raise ConfigError(str(path), problems)
     run = config.run
@@ -127,6 +128,18 @@ def load_config(space: str | Path, overrides: list[str] | tuple[str, ...] = (), 
     elif "://" not in run.storage_path:
         run.storage_path = str(Path(run.storage_path).resolve())
     return config
+
+
+def _nul_problems(raw: object, key: str = "") -> list[str]:
+    """Keys whose text holds a NUL character, which no path or name can (the OS ends a path there; resolving
+    run.output_dir raised "embedded null byte")."""
+    if isinstance(raw, dict):
+        return [line for k, v in raw.items() for line in _nul_problems(v, f"{key}.{k}" if key else str(k))]
+    if isinstance(raw, list):
+        return [line for i, v in enumerate(raw) for line in _nul_problems(v, f"{key}[{i}]")]
+    if isinstance(raw, str) and "\0" in raw:
+        return [f"{key}: {shown(raw)} holds a NUL character (\\0), which no path or name can; remove it"]
+    return []
 
 
 def decode_text(data: bytes) -> str:
@@ -278,6 +291,7 @@ def _check_search(raw: dict, file_errors: list[dict]) -> list[str]:
         return ".".join(_loc_and_tag(err)[0]), err["type"], err["msg"]
 
     reported, problems = {signature(err) for err in file_errors}, []
+    each_valid: dict[str, Dimension] = {}  # searched keys whose every value is valid on its own
     optuna = _section(raw, "search").get("algorithm") == "optuna"
     if optuna and not _section(raw, "search", "params"):
         problems.append("search.algorithm: optuna needs at least one key under search.params to choose values "
@@ -294,25 +308,34 @@ def _check_search(raw: dict, file_errors: list[dict]) -> list[str]:
             problems.append(f"{where}.grid: search.algorithm optuna cannot search a grid (Optuna draws each "
                             f"value, it does not enumerate them); use choice: {list(dim.grid)} or "
                             "search.algorithm=random")
+        if key == "model.backbone.type":  # each type has keys of its own: a value would need others with it
+            problems.append(f"{where}: not searchable (each backbone type has keys of its own); run one search "
+                            "per backbone, or search model.backbone.path between pretrained models")
+            continue
         if key not in SEARCHABLE:
             hint = difflib.get_close_matches(key, sorted(SEARCHABLE), n=1)
             fix = f"did you mean {hint[0]}?" if hint else "searchable keys are under model. and train."
             problems.append(f"{where}: not a searchable key (folds stay fixed across trials); {fix}")
             continue
+        found = len(problems)
         for value in dim.values_to_check():
             trial = copy.deepcopy(raw)
             try:
                 set_dotted(trial, key, value)
                 Config.model_validate(trial)
             except ValidationError as exc:
-                # Errors at the key, or from a check of the section holding it (e.g. train's "not both"),
-                # that the file without this value does not already have.
-                new = [err for err in exc.errors()
-                       if _nested(signature(err)[0], key) and signature(err) not in reported]
+                # The errors this value causes (at the key, or from a check of the section holding it, e.g.
+                # train's "not both") that the file without it does not already have.
+                new = [err for err in exc.errors() if signature(err) not in reported]
                 problems += [f"{where}.{dim.kind}: value {shown(value)} is invalid: {line}"
                              for line in describe_errors(new)]
             except ValueError:  # a section on the key's path is no mapping: the file's validation says so
                 break
+        else:
+            if len(problems) == found:
+                each_valid[key] = dim
+    if not file_errors:
+        problems += _check_combinations(raw, each_valid)
     scheduler = _section(raw, "scheduler")
     grace, max_t = scheduler.get("grace_period"), scheduler.get("max_t")
     if isinstance(grace, int) and isinstance(max_t, int) and grace > max_t:
@@ -321,9 +344,29 @@ def _check_search(raw: dict, file_errors: list[dict]) -> list[str]:
     return problems
 
 
-def _nested(a: str, b: str) -> bool:
-    """One dotted key is the other, or lies inside it."""
-    return (a + ".").startswith(b + ".") or (b + ".").startswith(a + ".")
+COMBINATIONS_CHECKED = 512  # more than a real search's grid; each is a validation of well under a millisecond
+
+
+def _check_combinations(raw: dict, dims: dict[str, Dimension]) -> list[str]:
+    """Values valid one by one may not be together (train.lr x train.weight_decay must stay below 1, a hidden
+    size a multiple of the heads): every combination of the values each key is checked at, as a trial can
+    draw them, where there are few enough; one line per distinct problem, with the first values that cause it."""
+    keys = list(dims)
+    combinations = itertools.product(*(dims[key].values_to_check() for key in keys))
+    seen, problems = set(), []
+    for values in itertools.islice(combinations, COMBINATIONS_CHECKED) if len(keys) > 1 else ():
+        trial = copy.deepcopy(raw)
+        for key, value in zip(keys, values, strict=True):
+            set_dotted(trial, key, value)
+        try:
+            Config.model_validate(trial)
+        except ValidationError as exc:
+            for line in describe_errors(exc.errors()):
+                if line not in seen:
+                    seen.add(line)
+                    drawn = ", ".join(f"{key}={shown(value)}" for key, value in zip(keys, values, strict=True))
+                    problems.append(f"search.params: values a trial can draw together are invalid ({drawn}): {line}")
+    return problems
 
 
 def _resolve_paths(raw: dict, space_path: Path, model_files: bool = True) -> list[str]:
@@ -338,8 +381,8 @@ def _resolve_paths(raw: dict, space_path: Path, model_files: bool = True) -> lis
     problems = []
     for key, section, name in [("data.path", data, "path")] + [(f"model.backbone.{n}", backbone, n) for n in names]:
         value, is_dir = section.get(name), key != "data.path" and kind != "structbert"
-        if not isinstance(value, str):
-            continue  # absent (a default applies) or mistyped (reported by validation)
+        if not isinstance(value, str) or "\0" in value:
+            continue  # absent (a default applies), mistyped (reported by validation), or no path (_nul_problems)
         candidates = [Path(value)] if Path(value).is_absolute() else [space_path.parent / value, Path(value)]
         found = [c for c in candidates if (c.is_dir() if is_dir else c.is_file())]
         if found:
