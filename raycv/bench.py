@@ -744,7 +744,7 @@ def check_arguments(quick: bool, gpu: bool, out: str, data: str | None,
     if peak_tflops is not None and not (math.isfinite(peak_tflops) and peak_tflops > 0):
         problems.append(f"--peak-tflops: expected the GPU's dense bf16 peak in TFLOP/s, a positive number, found "
                         f"{peak_tflops:g}; e.g. --peak-tflops 989 (an H100)")
-    problems += output_problems("--out", Path(out), example="bench.json")
+    problems += output_problems("--out", out, example="bench.json")
     space = "smoke.yaml" if (quick or gpu) else "minilm_cpu.yaml"
     config = attempt(problems, lambda: load_config(space, [f"data.path={data}"] if data else []))
     problems += replaces_an_input("--out", Path(out), {"--data": config.data.path}) if config else []

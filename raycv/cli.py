@@ -17,12 +17,13 @@ Bad input of any kind: one line on stderr per problem, exit status 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
 from importlib import metadata
 
-from raycv import RaycvError, progress
+from raycv import RaycvError, progress, shown
 
 EXIT_BAD_INPUT = 2
 
@@ -114,12 +115,17 @@ def build_parser() -> Parser:
 
 
 # Every character str.splitlines() breaks at, written as Python writes it in a repr.
-LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
+# Every character str.splitlines() breaks at, and NUL (a terminal drops it, a log reader stops at it), written
+# as Python writes it in a repr.
+LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029\x00"}
+LINE_MAX = 900  # a line, not the input it quotes: a 100,000-character run.name made a path of that length
 
 
 def one_line(problem: str) -> str:
-    """A problem as one line, whatever it quotes: a key, id or value read from a file may hold a line break."""
-    return problem.translate(LINE_BREAKS)
+    """A problem as one line, whatever it quotes: a key, id or value read from a file may hold a line break.
+    A line too long to read keeps its start (what is wrong) and its end (the fix)."""
+    line = problem.translate(LINE_BREAKS)
+    return line if len(line) <= LINE_MAX else f"{line[:LINE_MAX * 2 // 3]} ... {line[-LINE_MAX // 3:]}"
 
 
 def working_folder() -> str:
@@ -152,6 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     except RaycvError as exc:  # a ConfigError or DataError holds several problems, one line each
         for line in exc.lines() if hasattr(exc, "lines") else [str(exc)]:
             print(f"raycv: error: {one_line(line)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+        # Where a path argument is first looked at (is it a file? does it exist?), the OS refuses a name
+        # longer than it takes; nothing has been written yet.
+        print(f"raycv: error: {one_line(shown(exc.filename))}: {exc.strerror} (the system takes at most "
+              f"{os.pathconf('/', 'PC_NAME_MAX')} bytes per name); name a shorter path", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("raycv: interrupted", file=sys.stderr)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import socket
 import stat
 import threading
 import time
 from pathlib import Path
 
-from raycv import RaycvError, first_line
+from raycv import RaycvError, first_line, shown
 from raycv.config import Config
 
 TRIAL_DRIVER_CPU = 0.25  # the Tune trial's own actor; the fold workers reserve their own resources
@@ -62,10 +63,28 @@ def address_problem(address: str, where: str = "--address") -> str | None:
     if sep and scheme != "ray":
         return f"{where} {address}: unknown scheme {scheme}://; give {ADDRESS_FORMS}"
     host, colon, port = _host_port(address)
-    if not colon or not host or any(c.isspace() or c in "/?#@" for c in host) or not port.isdigit() \
-            or not 0 < int(port) < 65536:
+    bracketed = address.partition("://")[2 if "://" in address else 0].rpartition(":")[0]
+    if not colon or not host or any(c.isspace() or c in "/?#@[]" for c in host) or not port.isdigit() \
+            or not 0 < int(port) < 65536 or (":" in host) != (bracketed.startswith("[") and bracketed.endswith("]")):
         return f"{where} {address} is not HOST:PORT; give {ADDRESS_FORMS}"
     return None
+
+
+# Ray's driver compiles these as it is imported: one that is not a regular expression ended `import ray` (and
+# raycv) in a traceback.
+RAY_REGEX_VARIABLES = ("RAY_DEDUP_LOGS_ALLOW_REGEX", "RAY_DEDUP_LOGS_SKIP_REGEX")
+
+
+def ray_environment_problems() -> list[str]:
+    """Variables of the environment that Ray reads at import and would fail on, one line each."""
+    problems = []
+    for name in RAY_REGEX_VARIABLES:
+        value = os.environ.get(name)
+        try:
+            re.compile(value or "")
+        except re.error as exc:
+            problems.append(f"{name}={shown(value)} is not a regular expression ({exc}); fix it or unset it")
+    return problems
 
 
 def _host_port(address: str) -> tuple[str, str, str]:

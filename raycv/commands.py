@@ -97,7 +97,7 @@ def folds(args) -> int:
     from raycv.preflight import output_problems, replaces_an_input
 
     out = Path(args.out)
-    problems = output_problems("--out", out)
+    problems = output_problems("--out", args.out)
     config = attempt(problems, lambda: load_config(args.space, args.overrides, model_files=False))  # data only
     problems += replaces_an_input("--out", out, {"data.path": config.data.path}) if config else []
     table = attempt(problems, lambda: load_folds(config.data)) if config else None
@@ -155,11 +155,12 @@ def convert_structbert(args) -> int:
 
 
 def tune(args) -> int:
-    from raycv.cluster import address_problem, use_token_auth
+    from raycv.cluster import address_problem, ray_environment_problems, use_token_auth
     from raycv.preflight import preflight
 
     address, where = (args.address, "--address") if args.address else (os.environ.get("RAY_ADDRESS"), "RAY_ADDRESS")
     problems = [problem] if address and (problem := address_problem(address, where)) else []
+    problems += ray_environment_problems()
     config = attempt(problems, lambda: load_config(args.space, args.overrides))
     # before Ray, or a GPU, starts
     plan = attempt(problems, lambda: preflight(config, str(resolve_space_path(args.space)))) if config else None
@@ -191,7 +192,7 @@ def predict(args) -> int:
     from raycv.report import build_report, load_run
 
     run_dir, out = Path(args.run_dir), Path(args.out)
-    problems = output_problems("--out", out) + replaces_an_input("--out", out, {"--data": args.data,
+    problems = output_problems("--out", args.out) + replaces_an_input("--out", out, {"--data": args.data,
                                                                              "the run": run_dir})
     report = attempt(problems, lambda: build_report(load_run(run_dir)))
     if problems:
@@ -209,5 +210,8 @@ FOLD_FILES = ("predictions.csv", "curve.csv", "resolved_config.yaml")  # what tr
 
 def bench(args) -> int:
     from raycv.bench import bench as run_bench
+    from raycv.cluster import ray_environment_problems
 
+    if problems := ray_environment_problems():
+        raise ConfigError(None, problems)
     return run_bench(quick=args.quick, gpu=args.gpu, out=args.out, data=args.data, peak_tflops=args.peak_tflops)

@@ -239,17 +239,20 @@ def check_mlflow_reachable(tracking_uri: str) -> list[str]:
             "sqlite:///mlflow.db or http://HOST:5000"]
 
 
-def output_problems(flag: str, path: Path, files: tuple[str, ...] = (), directory: bool = False,
+def output_problems(flag: str, path: str | Path, files: tuple[str, ...] = (), directory: bool = False,
                     example: str = "out.csv") -> list[str]:
     """Where a command will write, checked before it does any work: a file (no `files`, not `directory`) must
-    not be a directory, a directory (holding `files`) must not be a file, and the nearest existing folder above
-    must take a new file (tried: permissions alone say nothing to root, and /proc refuses anyway). `flag`: the
-    command-line flag or the config key that names the place; `example`, a file name the fix suggests."""
+    not be a directory, or named as one (`--out preds/` wrote a file named preds), a directory (holding `files`)
+    must not be a file, and the nearest existing folder above must take a new file (tried: permissions alone say
+    nothing to root, and /proc refuses anyway). `flag`: the command-line flag or the config key that names the
+    place; `example`, a file name the fix suggests."""
     directory = directory or bool(files)
     other = f"{flag} DIR" if flag.startswith("--") else f"{flag}=DIR"
+    as_folder, path = str(path).endswith("/"), Path(path)
     try:
-        if not directory and path.is_dir():
-            return [f"{flag}: {path} is a directory; name a file in it, e.g. {flag} {path / example}"]
+        if not directory and (as_folder or path.is_dir()):
+            kind = "is a directory" if path.is_dir() else "ends with /, a directory's name"
+            return [f"{flag}: {path} {kind}; name a file in it, e.g. {flag} {path / example}"]
         if not directory and (problem := storage.not_a_file_to_replace(path)):  # written by a rename, which replaces it
             return [f"{flag}: {path} {problem}; name a file, e.g. {flag} {example}"]
         if directory and path.exists() and not path.is_dir():

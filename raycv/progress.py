@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import re
+
 # Every line above, as a fold worker prints it, starts so. Ray's driver deduplicates worker lines that are
 # equal but for their numbers, across processes ("[repeated 3x across cluster]", only the latest shown): that
 # would eat the lines of every fold but one, of concurrent trials, and of a trial's workers after a restart.
@@ -22,6 +24,10 @@ def dedup_allow_regex(current: str | None) -> str:
     and raycv's progress lines, which Ray then prints as they come."""
     if not current or LINE_START in current:  # unset, or already ours (a raycv started by a raycv)
         return current or LINE_START
+    try:
+        re.compile(current)
+    except re.error:  # left as it is, for raycv tune to refuse in one line (`import ray` would fail on it)
+        return current
     return f"(?:{current})|(?:{LINE_START})"
 
 

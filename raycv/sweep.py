@@ -416,7 +416,16 @@ def check_run_directory(config: Config, output_dir: Path, resume: bool, resume_c
     if state.state == "running" and not state.driver_is_gone():
         raise RaycvError(f"--resume: the run in {output_dir} is still running (raycv tune, pid "
                          f"{state.driver.get('pid')} on {state.driver.get('host')}); stop it first")
-    saved = yaml.safe_load((output_dir / "resolved_config.yaml").read_text())
+    saved_path = output_dir / "resolved_config.yaml"
+    try:
+        saved = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError) as exc:  # missing, a directory, not UTF-8, not YAML
+        saved = exc
+    if not isinstance(saved, dict):  # what this run's config must equal is gone
+        why = (f"cannot be read ({first_line(saved)})" if isinstance(saved, Exception)
+               else "is empty" if saved is None else f"holds a {type(saved).__name__}, not a config")
+        raise RaycvError(f"--resume: {saved_path} {why}, so the run cannot be continued as it was; start a new "
+                         f"one with run.name=NAME (what it holds so far: raycv report {output_dir})")
     changed = [key for key in _differences(saved, config.to_dict()) if key.split(".")[0] not in ("run", "resources")]
     if changed:
         raise RaycvError(f"--resume: this config differs from the run's at {', '.join(changed)}; resume with the "

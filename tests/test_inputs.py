@@ -27,14 +27,14 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from raycv import model as raycv_model
 from raycv import preflight as raycv_preflight
 from raycv.cli import main, one_line
 from raycv.cluster import address_problem
-from raycv.config import LEAF_KEYS, dump_yaml
+from raycv.config import LEAF_KEYS, SEARCHABLE, dump_yaml
 from raycv.model import minilm_dir
 
 from helpers import SPACES_DIR, TINY_STRUCTBERT_CONFIG, alicemind_state, tiny_bert
@@ -53,7 +53,7 @@ TINY = {
 ROWS = 40
 MAX_LINES = 12  # "a few lines": one per problem
 MAX_LINE_CHARS = 1000  # a line, not a dump of the input (a value the line quotes is cut short)
-NAMES = re.compile(r"[\w-]+\.[\w.\[\]-]+|--[a-z-]+|/|\brows?\b|\bline \d|override|command|argument")
+NAMES = re.compile(r"[\w-]+\.[\w.\[\]-]+|--[a-z-]+|/|\brows?\b|\bline \d|override|command|argument|\b[A-Z][A-Z_]+=")
 SETTINGS = {"derandomize": True, "deadline": None, "database": None,
             "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]}
 
@@ -290,6 +290,44 @@ def test_any_override_words(small_csv, words):
         run_cli(["validate", "space.yaml", *words, "--no-model"], cwd)
 
 
+# Searched keys with any values: one valid alone may not be with the file's other keys, or with another searched
+# value (a search of model.backbone.type ended in pydantic's 41-line traceback; lr 0.5 with weight_decay 3 passed).
+dimensions = st.one_of(
+    st.tuples(st.sampled_from(["grid", "choice"]), st.lists(scalars, min_size=1, max_size=3)),
+    st.tuples(st.sampled_from(["uniform", "loguniform", "randint"]),
+              st.lists(st.integers(-2, 70) | st.floats(-1, 100, allow_nan=False), min_size=2, max_size=2)),
+).map(lambda kind_values: {kind_values[0]: kind_values[1]})
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(params=st.dictionaries(st.sampled_from(sorted(SEARCHABLE) + ["model.backbone.type", "data.num_folds"]),
+                              dimensions, min_size=1, max_size=3))
+@example(params={"model.backbone.type": {"choice": ["tiny", "pretrained"]}})
+@example(params={"train.lr": {"grid": [0.5]}, "train.weight_decay": {"grid": [3]}})
+@example(params={"model.backbone.hidden_size": {"grid": [12]}, "model.backbone.num_heads": {"randint": [1, 6]}})
+def test_any_searched_values(small_csv, params):
+    with workdir() as cwd:
+        (cwd / "space.yaml").write_text(yaml.safe_dump(tiny_space(small_csv, search={"params": params})))
+        run_cli(["validate", "space.yaml", "--no-model"], cwd)
+
+
+def test_values_valid_alone_but_not_together_are_one_line_naming_both(small_csv, tmp_path):
+    params = "search.params={train.lr: {grid: [0.5, 0.001]}, train.weight_decay: {grid: [3, 0.1]}}"
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(tiny_space(small_csv)))
+    (line,) = lines_of(["validate", "space.yaml", params, "--no-model"], tmp_path)
+    assert line.startswith("raycv: error: space.yaml: search.params: values a trial can draw together are invalid "
+                           "(train.lr=0.5, train.weight_decay=3): train: weight_decay 3 x lr must stay below 1"), line
+    # A randint's few values are each checked: 8 is divided by heads 1, 2 and 4, not 3.
+    (line,) = lines_of(["validate", "space.yaml", "search.params={model.backbone.num_heads: {randint: [1, 5]}}",
+                        "--no-model"], tmp_path)
+    assert line == ("raycv: error: space.yaml: search.params.model.backbone.num_heads.randint: value 3 is invalid: "
+                    "model.backbone: hidden_size 8 is not a multiple of num_heads 3"), line
+    (line,) = lines_of(["validate", "space.yaml", "search.params={model.backbone.type: {choice: [tiny, pretrained]}}",
+                        "--no-model"], tmp_path)
+    assert line.endswith("search.params.model.backbone.type: not searchable (each backbone type has keys of its "
+                         "own); run one search per backbone, or search model.backbone.path between pretrained models")
+
+
 # MLflow tracking URIs: Tune's MLflow callback opens the store in the driver after Ray has started, where a bad
 # one ended in a traceback (an unknown scheme, a SQLite file that cannot be created or is not a database).
 # Servers are on loopback ports nothing or nobody listens on: a name to resolve could wait on DNS.
@@ -341,7 +379,8 @@ addresses = st.one_of(
     st.text(max_size=24),
     st.builds(lambda scheme, host, port: f"{scheme}{host}{port}",
               st.sampled_from(["", "", "ray://", "http://", "https://", "gs://", "ray:/", "://"]),
-              st.sampled_from(["", "127.0.0.1", "[::1]", "::1", "head node", "h/x", "auto", "local", "localhost"]),
+              st.sampled_from(["", "127.0.0.1", "[::1]", "::1", "[::1", "::1]", "[head]", "[[::1]]", "head node", "h/x",
+                               "auto", "local", "localhost"]),
               st.sampled_from(["", ":", ":6379", ":0", ":99999", ":abc", ":10001/x", ":-1"])),
 )
 
@@ -370,6 +409,8 @@ def test_any_cluster_address(small_csv, address, from_env):
     ("http://127.0.0.1:8265", "--address http://127.0.0.1:8265 is a dashboard address (the Jobs API's, for `ray job "
                               "submit`); raycv tune joins a cluster at auto, HOST:6379"),
     ("gs://bucket:1", "--address gs://bucket:1: unknown scheme gs://; give auto,"),
+    ("[::1:6379", "--address [::1:6379 is not HOST:PORT; give auto,"),  # reached ray.init, which refuses it
+    ("::1:6379", "--address ::1:6379 is not HOST:PORT; give auto,"),  # an IPv6 host goes in brackets, for Ray too
 ])
 def test_an_address_ray_cannot_join_is_one_line_with_the_forms_it_can(small_csv, tmp_path, address, problem,
                                                                        monkeypatch):
@@ -389,6 +430,75 @@ def test_address_local_is_a_local_ray_as_for_ray_init():
     parse = build_parser().parse_args
     assert parse(["tune", "space.yaml", "--address", "local"]).address is None
     assert parse(["tune", "space.yaml", "--address", "auto"]).address == "auto"
+
+
+# ---------------------------------------------------------------- names the system refuses
+
+# Every path a command takes, given a name longer than a file system takes (255 bytes): the first look at it
+# (is it a file?) raised "OSError: [Errno 36] File name too long" in eight places.
+PATH_ARGUMENTS = [
+    ["validate", "NAME"], ["validate", "space.yaml", "data.path=NAME", "--no-model"],
+    ["validate", "space.yaml", "model.backbone.tokenizer=NAME"], ["folds", "space.yaml", "--out", "NAME"],
+    ["train-fold", "space.yaml", "--fold", "0", "--out-dir", "NAME"], ["report", "NAME"],
+    ["predict", "NAME", "--data", "test.csv"], ["predict", "run", "--data", "NAME"],
+    ["predict", "run", "--data", "test.csv", "--out", "NAME"], ["convert-structbert", "NAME", "NAME", "NAME", "out"],
+    ["convert-structbert", "space.yaml", "space.yaml", "space.yaml", "NAME"],
+    ["tune", "NAME"], ["bench", "--quick", "--data", "NAME"],
+]
+
+
+@settings(max_examples=30, **SETTINGS)
+@given(argv=st.sampled_from(PATH_ARGUMENTS), name=st.builds(
+    lambda folder, long, suffix: f"{folder}{long}{suffix}", st.sampled_from(["", "a_dir/", "/tmp/"]),
+    st.text(alphabet=string.ascii_letters + "é_-", min_size=256, max_size=400), st.sampled_from(["", ".csv", "/x"])))
+def test_a_name_too_long_for_the_system_is_one_line(finished_run, small_csv, argv, name):
+    with workdir() as cwd:
+        (cwd / "a_dir").mkdir()
+        (cwd / "space.yaml").write_text(yaml.safe_dump(tiny_space(small_csv)))
+        shutil.copytree(finished_run, cwd / "run")
+        pd.read_csv(small_csv, nrows=3).drop(columns="target").to_csv(cwd / "test.csv", index=False)
+        code, _, err = run_cli([name if word == "NAME" else word.replace("=NAME", f"={name}") for word in argv], cwd)
+    assert code == 2 and "File name too long" in err, err
+
+
+def test_a_nul_character_in_a_config_value_is_one_line_and_shown_escaped(small_csv, tmp_path):
+    space = tiny_space(small_csv, run={"output_dir": "runs/a\0b", "storage_path": "x\0"})
+    space["data"]["path"] = "data\0.csv"
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    lines = lines_of(["validate", "space.yaml", "--no-model"], tmp_path)
+    assert lines == [
+        "raycv: error: space.yaml: data.path: 'data\\x00.csv' holds a NUL character (\\0), which no path or name can; "
+        "remove it",
+        "raycv: error: space.yaml: run.output_dir: 'runs/a\\x00b' holds a NUL character (\\0), which no path or name "
+        "can; remove it",
+        "raycv: error: space.yaml: run.storage_path: 'x\\x00' holds a NUL character (\\0), which no path or name can; "
+        "remove it"], lines
+    assert one_line("a\0b") == "a\\x00b"  # a terminal drops it, a log reader stops at it
+
+
+def test_a_line_too_long_to_read_keeps_what_is_wrong_and_the_fix(small_csv, tmp_path):
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(tiny_space(small_csv)))
+    (line,) = lines_of(["validate", "space.yaml", f"run.name={'a' * 100_000}", "--no-model"], tmp_path)
+    assert len(line) <= MAX_LINE_CHARS + 5 and " ... " in line, len(line)
+    assert line.startswith("raycv: error: space.yaml: run.output_dir: cannot write ") and line.endswith(
+        "(File name too long); choose another place"), line
+
+
+def test_ray_variables_that_are_no_regular_expressions_are_one_line_each(small_csv, tmp_path, monkeypatch):
+    """Ray compiles them as it is imported: `import ray` failed, after every check had passed."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_DEDUP_LOGS_ALLOW_REGEX", "(")
+    monkeypatch.setenv("RAY_DEDUP_LOGS_SKIP_REGEX", "[")
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(tiny_space(small_csv)))
+    lines = lines_of(["tune", "space.yaml", "train.epochs=abc"], tmp_path)
+    assert lines[:2] == [
+        "raycv: error: RAY_DEDUP_LOGS_ALLOW_REGEX='(' is not a regular expression (missing ), unterminated subpattern "
+        "at position 0); fix it or unset it",
+        "raycv: error: RAY_DEDUP_LOGS_SKIP_REGEX='[' is not a regular expression (unterminated character set at "
+        "position 0); fix it or unset it"], lines
+    assert len(lines) == 3 and "train.epochs" in lines[2]  # with the config's problems, at once
+    assert os.environ["RAY_DEDUP_LOGS_ALLOW_REGEX"] == "("  # left as it was, not wrapped into ours
+    assert lines_of(["bench", "--quick"], tmp_path) == lines[:2]
 
 
 # ---------------------------------------------------------------- CSVs
@@ -484,6 +594,37 @@ def finished_run(small_csv, tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.parametrize("damage, why", [
+    ("missing", "cannot be read ([Errno 2] No such file or directory: "),
+    ("a directory", "cannot be read ([Errno 21] Is a directory: "),
+    ("not YAML", "cannot be read (while parsing a flow"),
+    ("not UTF-8", "cannot be read ('utf-8' codec can't decode byte 0xff in position 0: invalid start byte)"),
+    ("empty", "is empty"),
+    ("a list", "holds a list, not a config"),
+])
+def test_resuming_a_run_whose_config_is_damaged_is_one_line(finished_run, tmp_path, damage, why):
+    """--resume compares the config with the run's resolved_config.yaml, whose read was unguarded: a missing or
+    broken one ended `raycv tune --resume` in a traceback (before Ray started)."""
+    from raycv import RaycvError
+    from raycv.spaces import load_config
+    from raycv.sweep import check_run_directory
+
+    run_dir = shutil.copytree(finished_run, tmp_path / "run")
+    state = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**state, "state": "interrupted"}))
+    saved = run_dir / "resolved_config.yaml"
+    config = load_config(saved)
+    saved.unlink()
+    {"a directory": saved.mkdir, "not YAML": lambda: saved.write_text("[\n"),
+     "not UTF-8": lambda: saved.write_bytes(b"\xff\xfe\xfa"), "empty": lambda: saved.write_text(""),
+     "a list": lambda: saved.write_text("- 1\n"), "missing": lambda: None}[damage]()
+    with pytest.raises(RaycvError) as refused:
+        check_run_directory(config, run_dir, True, "raycv tune tiny.yaml --resume")
+    assert str(refused.value).startswith(f"--resume: {saved} {why}"), refused.value
+    assert str(refused.value).endswith(f"so the run cannot be continued as it was; start a new one with run.name=NAME "
+                                       f"(what it holds so far: raycv report {run_dir})")
+
+
 def test_the_finished_run_reports_and_predicts(finished_run, small_csv, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
@@ -570,7 +711,7 @@ def test_any_broken_run_directory_or_data_for_predict(finished_run, small_csv, c
 # data.csv is the space's data, test.csv predict's --data, run/ predict's run: a command's own input is not
 # replaced by its output (`raycv folds --out train.csv` wrote the folds over Kaggle's train.csv).
 OUTPUTS = ["a_dir", "a_file/out.csv", "a_file", "a_dir/deeper/out.csv", "/proc/raycv/out.csv", "/proc/out.csv",
-           "out.csv", "a_dir/", "a_file/", "data.csv", "test.csv", "run/report.json", "run/oof", "run/mine.csv"]
+           "out.csv", "a_dir/", "a_file/", "new/", "data.csv", "test.csv", "run/report.json", "run/oof", "run/mine.csv"]
 
 
 @settings(max_examples=40, **SETTINGS)
@@ -594,8 +735,8 @@ def test_any_output_path(finished_run, small_csv, target, command, bad_config):
             shutil.copytree(finished_run, cwd / "run")
             pd.read_csv(small_csv, nrows=3).drop(columns="target").to_csv(cwd / "test.csv", index=False)
             argv = ["predict", "no_run" if bad_config else "run", "--data", "test.csv", "--out", target]
-        refused = {"a_dir", "a_dir/", "a_file/out.csv", "/proc/raycv/out.csv", "/proc/out.csv"}
-        refused |= {"a_file", "a_file/", "data.csv"} if command == "train-fold" else set()
+        refused = {"a_dir", "a_dir/", "a_file/", "a_file/out.csv", "/proc/raycv/out.csv", "/proc/out.csv"}
+        refused |= {"a_file", "data.csv"} if command == "train-fold" else {"new/"}  # a file named as a folder
         refused |= {"data.csv"} if command == "folds" and not bad_config else set()  # its data.path: known once read
         refused |= {"test.csv", "run/oof"} | ({"run/report.json"} if not bad_config else set()) \
             if command == "predict" else set()
