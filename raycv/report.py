@@ -21,7 +21,7 @@ from pydantic import TypeAdapter, ValidationError
 from typing_extensions import TypedDict
 
 from raycv import RaycvError, first_line
-from raycv.collect import STATUSES, RunState, load_run_state
+from raycv.collect import STATUSES, RunState, load_run_state, run_file_exists
 from raycv.config import Config
 from raycv.scoring import STACK_MIN_TRIALS, ensemble, rmse, score_ensemble, score_seeds, score_trial, stack
 from raycv.storage import RUN_FILES, run_curve_path, run_oof_path, write_atomic, write_text_atomic
@@ -38,16 +38,16 @@ SEED_KEY = "train.seed"
 def load_run(run_dir: Path, state: RunState | None = None) -> dict:
     """What the run directory holds; `state` replaces run.json (a fresher view of a running run)."""
     run_dir = Path(run_dir)
-    missing = [name for name in RUN_FILES if not (run_dir / name).is_file()]
+    missing = [name for name in RUN_FILES if not run_file_exists(run_dir / name)]
     if missing:
         raise RaycvError(f"{run_dir} is not a raycv run (missing {', '.join(missing)}); run raycv tune first")
     state = state or load_run_state(run_dir)
     oofs, curves = {}, {}
     for trial in state.trials:
         oof_path, curve_path = run_oof_path(run_dir, trial.trial_id), run_curve_path(run_dir, trial.trial_id)
-        if oof_path.is_file():
+        if run_file_exists(oof_path):
             oofs[trial.trial_id] = read_table(oof_path, OOF_COLUMNS)
-        if curve_path.is_file():
+        if run_file_exists(curve_path):
             curves[trial.trial_id] = read_table(curve_path, CURVE_COLUMNS)
     config = read_run_file(run_dir / "resolved_config.yaml", lambda text: Config.model_validate(yaml.safe_load(text)))
     return {

@@ -963,3 +963,47 @@ def test_structbert_files_the_properties_broke(structbert_parts, tmp_path):
         code, _, err = run_cli(["convert-structbert", "en_model", "config.json", "vocab.txt", "out"], cwd,
                                outputs=("out",))
         assert code == 0 and (cwd / "out" / "model.safetensors").is_file(), err
+
+
+# ---------------------------------------------------------------- report inputs a probe found, exactly
+
+
+def damaged_copy(finished_run: Path, cwd: Path, edit_state=None) -> Path:
+    """A copy of the finished run in `cwd`/run, its run.json passed through `edit_state(dict)` if given."""
+    shutil.copytree(finished_run, cwd / "run")
+    if edit_state:
+        state = json.loads((cwd / "run" / "run.json").read_text())
+        edit_state(state)
+        (cwd / "run" / "run.json").write_text(json.dumps(state))
+    return cwd / "run"
+
+
+@pytest.mark.parametrize("command", ["report", "predict"])
+def test_a_run_path_too_long_to_look_up_is_one_line_naming_it(finished_run, small_csv, tmp_path, command):
+    """OSError: [Errno 36] File name too long, from Path.is_file on RUN_DIR/run.json."""
+    long_dir = f"/tmp/{'a' * 300}"
+    argv = ["report", long_dir] if command == "report" else ["predict", long_dir, "--data", small_csv]
+    assert lines_of(argv, tmp_path) == [
+        f"raycv: error: {long_dir}/run.json: cannot look it up (File name too long)"]
+
+
+def test_a_driver_pid_no_process_can_have_is_a_damaged_run_json(finished_run, tmp_path):
+    """A running run whose driver is on this host: os.kill(10**30, 0) raised OverflowError."""
+    import socket
+
+    def running(state):
+        state["state"], state["driver"] = "running", {"host": socket.gethostname(), "pid": 10**30}
+
+    damaged_copy(finished_run, tmp_path, running)
+    (line,) = lines_of(["report", "run"], tmp_path)
+    assert line == ("raycv: error: run/run.json: not a run state raycv wrote (driver.pid: Input should be less than "
+                    "or equal to 2147483647); it may be cut short or edited")
+
+
+def test_run_json_nested_too_deep_for_json_is_one_line(finished_run, tmp_path):
+    """json.loads raised RecursionError on 100000 nested lists."""
+    damaged_copy(finished_run, tmp_path)
+    (tmp_path / "run" / "run.json").write_text("[" * 100000 + "]" * 100000)
+    (line,) = lines_of(["report", "run"], tmp_path)
+    assert line.startswith("raycv: error: run/run.json: not a run state raycv wrote (maximum recursion depth "
+                           "exceeded"), line
