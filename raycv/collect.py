@@ -18,10 +18,12 @@ import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import pandas as pd
 import yaml
-from pydantic import TypeAdapter, ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
+from typing_extensions import TypedDict  # pydantic reads TypedDicts from here before Python 3.12
 
 from raycv import RaycvError, first_line, shown, storage
 from raycv.config import fold_and_seed
@@ -62,6 +64,16 @@ class TrialRecord:
     seeds: list[int] = field(default_factory=list)
 
 
+PID_MAX = 2**31 - 1  # the largest a pid_t holds: a larger pid in run.json names no process (os.kill overflows)
+
+
+class Driver(TypedDict, total=False):
+    """Who ran the search (collect.this_driver); a run.json written by hand may leave it out."""
+
+    host: str
+    pid: Annotated[int, Field(ge=1, le=PID_MAX)]
+
+
 @dataclass
 class RunState:
     """run.json: what a run is, how far it got, and every trial it started."""
@@ -73,7 +85,7 @@ class RunState:
     searched: list[str]
     command: str = ""  # how the run was started (for the --resume hint)
     state: str = "running"  # running | interrupted | finished
-    driver: dict = field(default_factory=dict)  # host and pid of the `raycv tune` process
+    driver: Driver = field(default_factory=dict)  # host and pid of the `raycv tune` process
     started_at: str = ""
     updated_at: str = ""
     trials: list[TrialRecord] = field(default_factory=list)
@@ -118,7 +130,7 @@ def new_run_state(**settings) -> RunState:
 def load_run_state(run_dir: Path) -> RunState | None:
     """run.json, checked field by field (a file cut short or edited by hand is one line naming it)."""
     path = Path(run_dir) / "run.json"
-    if not path.is_file():
+    if not run_file_exists(path):
         return None
     try:
         state = TypeAdapter(RunState).validate_python(json.loads(path.read_bytes().decode()))
@@ -128,10 +140,21 @@ def load_run_state(run_dir: Path) -> RunState | None:
             if record.status not in STATUSES:
                 raise ValueError(f"trial {record.trial_id}: status {shown(record.status)} is none of "
                                  f"{', '.join(STATUSES)}")
-    except (OSError, ValueError) as exc:  # pydantic's ValidationError and JSON's errors are ValueErrors
+    # pydantic's ValidationError and JSON's errors are ValueErrors; JSON nested thousands deep, a RecursionError
+    except (OSError, ValueError, RecursionError) as exc:
         reason = first_line(exc) if not isinstance(exc, ValidationError) else _first_error(exc)
         raise RaycvError(f"{path}: not a run state raycv wrote ({reason}); it may be cut short or edited") from None
     return state
+
+
+def run_file_exists(path: Path) -> bool:
+    """Whether `path` is a file; a path the system cannot look up at all (a name longer than it allows, a
+    folder on the way it may not enter) is one line naming it, not a traceback. A loop of links or a NUL
+    byte is no file (pathlib's own answer)."""
+    try:
+        return Path(path).is_file()
+    except OSError as exc:
+        raise RaycvError(f"{path}: cannot look it up ({exc.strerror or first_line(exc)})") from None
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -175,7 +198,7 @@ def settle(record: TrialRecord, max_t: int) -> None:
 def last_cv_rmse(run_dir: Path, trial_id: str) -> float | None:
     """A trial's pooled last-point RMSE at its final evaluation point, from its curve in the run directory."""
     path = storage.run_curve_path(run_dir, trial_id)
-    if not path.is_file():
+    if not run_file_exists(path):
         return None
     curve = pd.read_csv(path)
     return float(curve["cv_rmse_last"].iloc[-1]) if len(curve) else None

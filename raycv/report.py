@@ -12,19 +12,23 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import tempfile
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import pandas as pd
 import yaml
-from pydantic import TypeAdapter, ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 from typing_extensions import TypedDict
 
-from raycv import RaycvError, first_line
-from raycv.collect import STATUSES, RunState, load_run_state
+from raycv import RaycvError, first_line, shown
+from raycv.collect import STATUSES, RunState, load_run_state, run_file_exists
 from raycv.config import Config
 from raycv.scoring import STACK_MIN_TRIALS, ensemble, rmse, score_ensemble, score_seeds, score_trial, stack
-from raycv.storage import RUN_FILES, run_curve_path, run_oof_path, write_atomic, write_text_atomic
+from raycv.spaces import ConfigError
+from raycv.storage import RUN_FILES, not_a_file_to_replace, run_curve_path, run_oof_path
 
 OPTIMISM_NOTE = (
     "cv_rmse_best takes each fold's predictions at that fold's best evaluation point, chosen on the same "
@@ -38,16 +42,16 @@ SEED_KEY = "train.seed"
 def load_run(run_dir: Path, state: RunState | None = None) -> dict:
     """What the run directory holds; `state` replaces run.json (a fresher view of a running run)."""
     run_dir = Path(run_dir)
-    missing = [name for name in RUN_FILES if not (run_dir / name).is_file()]
+    missing = [name for name in RUN_FILES if not run_file_exists(run_dir / name)]
     if missing:
         raise RaycvError(f"{run_dir} is not a raycv run (missing {', '.join(missing)}); run raycv tune first")
     state = state or load_run_state(run_dir)
     oofs, curves = {}, {}
     for trial in state.trials:
         oof_path, curve_path = run_oof_path(run_dir, trial.trial_id), run_curve_path(run_dir, trial.trial_id)
-        if oof_path.is_file():
+        if run_file_exists(oof_path):
             oofs[trial.trial_id] = read_table(oof_path, OOF_COLUMNS)
-        if curve_path.is_file():
+        if run_file_exists(curve_path):
             curves[trial.trial_id] = read_table(curve_path, CURVE_COLUMNS)
     config = read_run_file(run_dir / "resolved_config.yaml", lambda text: Config.model_validate(yaml.safe_load(text)))
     return {
@@ -62,9 +66,15 @@ CURVE_COLUMNS = ("eval_point", "cv_rmse_last")  # what the report draws
 FOLDS_COLUMNS = ("id", "fold")
 
 
+# No score, target or prediction of a run comes near: beyond it, a squared error or a sum of seconds could
+# overflow a float (1e308), and the report would show inf or NaN. A value beyond it is damage, not data.
+LARGEST = 1e100
+RMSE = Annotated[float, Field(ge=0, le=LARGEST, allow_inf_nan=False)]
+
+
 class Baseline(TypedDict):
-    pooled_rmse: float
-    fold_rmse: list[float]
+    pooled_rmse: RMSE
+    fold_rmse: list[RMSE]
 
 
 BASELINES = TypeAdapter(dict[str, Baseline])
@@ -78,7 +88,8 @@ def read_run_file(path: Path, parse):
     except ValidationError as exc:
         err = exc.errors()[0]
         reason = f"{'.'.join(map(str, err['loc'])) or 'the top'}: {err['msg']}"
-    except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError) as exc:  # JSON, CSV and decoding errors too
+    # JSON, CSV and decoding errors too; RecursionError: JSON or YAML nested thousands deep
+    except (OSError, ValueError, TypeError, KeyError, RecursionError, yaml.YAMLError) as exc:
         reason = first_line(exc)
     raise RaycvError(f"{path}: not what raycv wrote ({reason}); it may be cut short or edited")
 
@@ -92,9 +103,17 @@ def read_table(path: Path, columns: tuple[str, ...], rows: int = 1) -> pd.DataFr
             raise ValueError(f"no column {', '.join(missing)}")
         if len(frame) < rows:
             raise ValueError("no rows")
-        numbers = frame[[c for c in columns if c != "id"]]
-        if not all(pd.api.types.is_numeric_dtype(t) for t in numbers.dtypes) or not numbers.notna().all().all():
-            raise ValueError(f"{', '.join(c for c in columns if c != 'id')} must be numbers")
+        # what is scored besides the columns named: every seed's own predictions (pred_last_seed0, ...)
+        numbers = frame[[c for c in columns if c != "id"] + [c for c in frame.columns if c.startswith("pred_")
+                                                             and c not in columns]]
+        if not all(pd.api.types.is_numeric_dtype(t) for t in numbers.dtypes):
+            raise ValueError(f"{', '.join(numbers.columns)} must be numbers")
+        bad = ~(np.isfinite(numbers) & (numbers.abs() <= LARGEST))  # NaN, inf, or a square that overflows
+        if bad.any().any():
+            column = bad.any().idxmax()
+            row = int(bad[column].to_numpy().argmax())
+            raise ValueError(f"{column} on line {row + 2} is {float(numbers[column].iloc[row]):g}; it must be a finite "
+                             f"number of magnitude {LARGEST:g} at most")
         if "id" in columns and (frame["id"].isna().any() or frame["id"].duplicated().any()):
             raise ValueError("an id is empty or repeated")
         return frame
@@ -182,11 +201,17 @@ COST_NOTE = (
 
 
 def _numbers(curve: pd.DataFrame, *columns: str) -> np.ndarray | None:
-    """The curve's columns summed as floats; None where one is missing or not a finite number."""
+    """The curve's columns summed as floats; None where one is missing or not a finite number (or beyond
+    LARGEST: seconds no run takes, whose sums would overflow)."""
     if not set(columns) <= set(curve.columns):
         return None
-    values = sum(pd.to_numeric(curve[c], errors="coerce").to_numpy(dtype=float) for c in columns)
-    return values if np.isfinite(values).all() else None
+    try:
+        values = [pd.to_numeric(curve[c], errors="coerce").to_numpy(dtype=float) for c in columns]
+    except (OverflowError, TypeError, ValueError):  # an integer of 400 digits fits no float
+        return None
+    if not all(np.isfinite(v).all() and (np.abs(v) <= LARGEST).all() for v in values):
+        return None
+    return sum(values)
 
 
 def trial_wall_s(started_s: float | None, curve: pd.DataFrame | None) -> tuple[float | None, str | None]:
@@ -280,20 +305,68 @@ def seed_ensembles(finished: list[dict], searched: list[str], oofs: dict) -> lis
 
 
 def write_report(run_dir: Path, state: RunState | None = None) -> dict:
-    """Write every report file; returns their paths and the report itself."""
+    """Write every report file, or none of them (write_all); returns their paths and the report itself."""
     run_dir = Path(run_dir)
     loaded = load_run(run_dir, state)
     report = build_report(loaded)
-    write_text_atomic(run_dir / "report.json", json.dumps(report, indent=2))
-    write_atomic(run_dir / "trials.csv", lambda tmp: trials_table(report).to_csv(tmp, index=False))
-    plots = write_plots(run_dir, loaded, report)
-    write_text_atomic(run_dir / "report.md", markdown(report, plots))
+    plots, images = render_plots(loaded, report)
+    write_all(run_dir, {"report.json": json_text(report).encode(),
+                        "trials.csv": trials_table(report).to_csv(index=False).encode(),
+                        **images, "report.md": markdown(report, plots).encode()})
     files = [run_dir / name for name in ("report.md", "report.json", "trials.csv", *plots.values())]
     return {
         "report": report, "report_md": run_dir / "report.md", "report_json": run_dir / "report.json", "plots": plots,
         "files": files,  # every file written, for whoever ships the report elsewhere (MLflow)
         "summary": summary(report),  # what `raycv tune` prints about the stacked ensemble and the cost
     }
+
+
+def json_text(report: dict) -> str:
+    """report.json: standard JSON, whatever the run's files held (json.dumps writes NaN and Infinity, which
+    JSON has not)."""
+    return json.dumps(_finite(report), indent=2, allow_nan=False)
+
+
+def _finite(value):
+    """`value` with every float that is not finite as None: a figure that overflowed (a config's price or
+    shares edited to 1e308) is as unknown as one never measured, which report.json writes as null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
+def write_all(run_dir: Path, contents: dict[str, bytes]) -> None:
+    """Each file of `contents` (name -> bytes) in `run_dir`, or none of them: every place is checked first
+    (a directory, a pipe or a device there is one line each), each file is written beside its place, and only
+    once all are written are they renamed onto their places. A report half old and half new contradicts itself."""
+    places, problems = {}, []
+    for name in contents:
+        path = run_dir / name
+        place = Path(os.path.realpath(path)) if path.is_symlink() else path  # write the link's file, keep the link
+        problem = not_a_file_to_replace(path) or ("is a directory" if place.is_dir() else None)
+        if problem:
+            problems.append(f"{place} {problem}; name a file to write")
+        places[name] = place
+    if problems:
+        raise ConfigError(None, problems)
+    written: dict[str, Path] = {}
+    try:
+        for name, data in contents.items():
+            handle, tmp = tempfile.mkstemp(prefix=f".{places[name].name}.", suffix=".tmp", dir=places[name].parent)
+            written[name] = Path(tmp)
+            with os.fdopen(handle, "wb") as stream:
+                stream.write(data)
+        for name, tmp in written.items():
+            tmp.replace(places[name])
+    except OSError as exc:
+        raise RaycvError(f"cannot write {exc.filename or run_dir}: {exc.strerror or exc}") from None
+    finally:
+        for tmp in written.values():
+            tmp.unlink(missing_ok=True)  # renamed already, or left by a failure
 
 
 def trials_table(report: dict) -> pd.DataFrame:
@@ -502,20 +575,48 @@ def summary(report: dict) -> str:
     return "\n".join([*lines, line])
 
 
-def write_plots(run_dir: Path, loaded: dict, report: dict) -> dict[str, str]:
+def _plottable(values: list) -> list:
+    """A searched key's values as the hyperparameter plot's x: floats where every one is a number within
+    LARGEST or missing (NaN: not drawn); else each as short text, a category (a choice of words, or values of
+    mixed or odd types in a run.json edited by hand: a dict, a 400-digit number)."""
+    def number(value) -> float | None:
+        if value is None:
+            return math.nan
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return None
+        try:
+            value = float(value)
+        except OverflowError:
+            return None
+        return value if math.isfinite(value) and abs(value) <= LARGEST else None
+
+    numbers = [number(value) for value in values]
+    if all(n is not None for n in numbers):
+        return numbers
+    return [_label(value if isinstance(value, str) else shown(value))[:40] for value in values]
+
+
+def _label(text: str) -> str:
+    """Text for a plot: a $ would start matplotlib's mathtext (an unbalanced one in a trial id is a ValueError)."""
+    return str(text).replace("$", r"\$")
+
+
+def render_plots(loaded: dict, report: dict) -> tuple[dict[str, str], dict[str, bytes]]:
+    """The report's PNG plots, in memory: ({title: file name}, {file name: PNG bytes})."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    plots = {}
+    plots, images = {}, {}
     trials = {t["trial_id"]: t for t in report["trials"]}
 
     def save(fig, name: str, title: str):
-        write_atomic(run_dir / name, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+        image = io.BytesIO()
+        fig.savefig(image, dpi=110, bbox_inches="tight", format="png")
         plt.close(fig)
-        plots[title] = name
+        plots[title], images[name] = name, image.getvalue()
 
     # Predicted versus target at the last point: the best trial and the top-k ensemble.
     panels = []
@@ -530,7 +631,7 @@ def write_plots(run_dir: Path, loaded: dict, report: dict) -> dict[str, str]:
             ax.scatter(oof["target"], oof["pred_last"], s=6, alpha=0.5)
             low, high = oof["target"].min(), oof["target"].max()
             ax.plot([low, high], [low, high], color="black", linewidth=1)
-            ax.set(title=f"{title}: RMSE {rmse(oof, 'pred_last'):.4f}", xlabel="target",
+            ax.set(title=_label(f"{title}: RMSE {rmse(oof, 'pred_last'):.4f}"), xlabel="target",
                    ylabel="out-of-fold prediction (last point)")
         save(fig, "pred_vs_target.png", "Predicted versus target")
 
@@ -538,13 +639,13 @@ def write_plots(run_dir: Path, loaded: dict, report: dict) -> dict[str, str]:
     if loaded["curves"]:
         fig, ax = plt.subplots(figsize=(7, 4.6))
         for trial_id, curve in sorted(loaded["curves"].items()):
-            line, = ax.plot(curve["eval_point"], curve["cv_rmse_last"], marker=".", label=trial_id)
+            line, = ax.plot(curve["eval_point"], curve["cv_rmse_last"], marker=".", label=_label(trial_id))
             if trials.get(trial_id, {}).get("status") == "stopped":
                 ax.plot(curve["eval_point"].iloc[-1], curve["cv_rmse_last"].iloc[-1], "x", color=line.get_color(),
                         markersize=10)
         for name, value in report["baselines"].items():
             ax.axhline(value["pooled_rmse"], linestyle="--", color="grey", linewidth=1)
-            ax.annotate(name, (1, value["pooled_rmse"]), fontsize=8, color="grey")
+            ax.annotate(_label(name), (1, value["pooled_rmse"]), fontsize=8, color="grey")
         stopped = " (x: stopped by ASHA)" if report["scheduler"] == "asha" else ""
         ax.set(xlabel="evaluation point", ylabel="pooled OOF RMSE (cv_rmse_last)",
                title=f"Trials over evaluation points{stopped}")
@@ -560,14 +661,15 @@ def write_plots(run_dir: Path, loaded: dict, report: dict) -> dict[str, str]:
         fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.8), squeeze=False)
         for ax, key in zip(axes[0], keys, strict=True):
             # A partial report's trials may be running or interrupted (at their last point so far): shown too.
+            xs = _plottable([t["params"].get(key) for t in scored])
             for status in dict.fromkeys(t["status"] for t in scored):
-                points = [(t["params"].get(key), t["cv_rmse_last"]) for t in scored if t["status"] == status]
+                points = [(x, t["cv_rmse_last"]) for x, t in zip(xs, scored, strict=True) if t["status"] == status]
                 ax.scatter(*zip(*points, strict=True), marker={"finished": "o", "stopped": "x"}.get(status, "."),
                            label=status)
-            values = [t["params"].get(key) for t in scored if isinstance(t["params"].get(key), (int, float))]
+            values = [x for x in xs if isinstance(x, float) and not math.isnan(x)]
             if values and min(values) > 0 and max(values) / min(values) > 20:
                 ax.set_xscale("log")
-            ax.set(xlabel=key, ylabel="CV RMSE (last point)")
+            ax.set(xlabel=_label(key), ylabel="CV RMSE (last point)")
             ax.legend(fontsize=7)
         save(fig, "rmse_by_param.png", "RMSE by searched hyperparameter")
-    return plots
+    return plots, images

@@ -698,6 +698,54 @@ def kept_trial(run_dir: Path) -> str:
     return next((run_dir / "models").iterdir()).name
 
 
+odd_numbers = st.sampled_from([float("inf"), float("-inf"), float("nan"), 1e308, -1e308, 1e101, 10**400])
+odd_values = st.one_of(odd_numbers, scalars, st.dictionaries(st.text(max_size=3), scalars, max_size=2),
+                       st.lists(scalars, max_size=2), st.sampled_from(["$x", "$\\frac$", "x" * 500]))
+
+
+@st.composite
+def report_damage(draw) -> list[tuple[str, object]]:
+    """What an edit does to the values a report reads (its files stay well formed): numbers that are not finite
+    or too large in OOF predictions, curve times and baselines; params of odd types; a driver pid no process
+    can have; run.json nested too deep for JSON; a directory or a pipe where a report file goes."""
+    kinds = ["oof", "curve", "baselines", "params", "pid", "deep", "output"]
+    return [(kind, draw(odd_values if kind == "params" else odd_numbers if kind != "output" else
+                        st.tuples(st.sampled_from(["report.md", "report.json", "trials.csv", "cv_rmse_curves.png",
+                                                   "pred_vs_target.png", "rmse_by_param.png"]),
+                                  st.sampled_from(["dir", "fifo"]))))
+            for kind in draw(st.lists(st.sampled_from(kinds), min_size=1, max_size=2))]
+
+
+def damage(run_dir: Path, changes, trial_id: str) -> None:
+    import socket
+
+    state = json.loads((run_dir / "run.json").read_text())
+    for kind, value in changes:
+        number = float(value) if isinstance(value, float) else value
+        if kind in ("oof", "curve"):
+            path = run_dir / kind.replace("curve", "curves") / f"{trial_id}.csv"
+            table = pd.read_csv(path, dtype={"id": str})
+            columns = ["pred_last", "target"] if kind == "oof" else ["fold_busy_s", "fold_callbacks_s", "reported_at"]
+            for column in columns[:2]:
+                table[column] = table.get(column, 1.0)
+                table[column] = table[column].astype(object)
+                table.loc[len(table) // 2, column] = number
+            table.to_csv(path, index=False)
+        elif kind == "baselines":
+            (run_dir / "baselines.json").write_text(json.dumps({"mean": {"pooled_rmse": number, "fold_rmse": [1.0]}}))
+        elif kind == "params":
+            state["trials"][0]["params"]["train.seed"] = value
+        elif kind == "pid":
+            state["state"], state["driver"] = "running", {"host": socket.gethostname(), "pid": value}
+        elif kind == "output":
+            name, what = value
+            if not (run_dir / name).exists():
+                (run_dir / name).mkdir() if what == "dir" else os.mkfifo(run_dir / name)
+    (run_dir / "run.json").write_text(json.dumps(state))
+    if any(kind == "deep" for kind, _ in changes):
+        (run_dir / "run.json").write_text("[" * 100000 + "]" * 100000)
+
+
 @settings(max_examples=12, **SETTINGS)
 @given(changes=run_mutations())
 def test_any_broken_run_directory_for_report(finished_run, changes):
@@ -705,6 +753,23 @@ def test_any_broken_run_directory_for_report(finished_run, changes):
         shutil.copytree(finished_run, cwd / "run")
         mutate(cwd / "run", changes, kept_trial(finished_run))
         run_cli(["report", "run"], cwd, outputs=("run",))
+
+
+@settings(max_examples=25, **SETTINGS)
+@given(changes=report_damage())
+def test_any_damaged_values_in_a_run_for_report(finished_run, changes):
+    """Exit 0 or 2, one line per problem, nothing written on 2; on 0, report.json is standard JSON and no
+    warning (numpy's overflow, matplotlib's) reached the console."""
+    import warnings
+
+    with workdir() as cwd:
+        shutil.copytree(finished_run, cwd / "run")
+        damage(cwd / "run", changes, kept_trial(finished_run))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            code, _, _ = run_cli(["report", "run"], cwd, outputs=("run",))
+        if code == 0:
+            json.loads((cwd / "run" / "report.json").read_text(), parse_constant=pytest.fail)
 
 
 @settings(max_examples=20, **SETTINGS)
@@ -1119,3 +1184,125 @@ def test_structbert_files_the_properties_broke(structbert_parts, tmp_path):
         code, _, err = run_cli(["convert-structbert", "en_model", "config.json", "vocab.txt", "out"], cwd,
                                outputs=("out",))
         assert code == 0 and (cwd / "out" / "model.safetensors").is_file(), err
+
+
+# ---------------------------------------------------------------- report inputs a probe found, exactly
+
+
+def damaged_copy(finished_run: Path, cwd: Path, edit_state=None) -> Path:
+    """A copy of the finished run in `cwd`/run, its run.json passed through `edit_state(dict)` if given."""
+    shutil.copytree(finished_run, cwd / "run")
+    if edit_state:
+        state = json.loads((cwd / "run" / "run.json").read_text())
+        edit_state(state)
+        (cwd / "run" / "run.json").write_text(json.dumps(state))
+    return cwd / "run"
+
+
+@pytest.mark.parametrize("command", ["report", "predict"])
+def test_a_run_path_too_long_to_look_up_is_one_line_naming_it(finished_run, small_csv, tmp_path, command):
+    """OSError: [Errno 36] File name too long, from Path.is_file on RUN_DIR/run.json."""
+    long_dir = f"/tmp/{'a' * 300}"
+    argv = ["report", long_dir] if command == "report" else ["predict", long_dir, "--data", small_csv]
+    assert lines_of(argv, tmp_path) == [
+        f"raycv: error: {long_dir}/run.json: cannot look it up (File name too long)"]
+
+
+def test_a_driver_pid_no_process_can_have_is_a_damaged_run_json(finished_run, tmp_path):
+    """A running run whose driver is on this host: os.kill(10**30, 0) raised OverflowError."""
+    import socket
+
+    def running(state):
+        state["state"], state["driver"] = "running", {"host": socket.gethostname(), "pid": 10**30}
+
+    damaged_copy(finished_run, tmp_path, running)
+    (line,) = lines_of(["report", "run"], tmp_path)
+    assert line == ("raycv: error: run/run.json: not a run state raycv wrote (driver.pid: Input should be less than "
+                    "or equal to 2147483647); it may be cut short or edited")
+
+
+def test_run_json_nested_too_deep_for_json_is_one_line(finished_run, tmp_path):
+    """json.loads raised RecursionError on 100000 nested lists."""
+    damaged_copy(finished_run, tmp_path)
+    (tmp_path / "run" / "run.json").write_text("[" * 100000 + "]" * 100000)
+    (line,) = lines_of(["report", "run"], tmp_path)
+    assert line.startswith("raycv: error: run/run.json: not a run state raycv wrote (maximum recursion depth "
+                           "exceeded"), line
+
+
+@pytest.mark.parametrize("column, value, shown_as", [("pred_last", "inf", "inf"), ("pred_best", "-inf", "-inf"),
+                                                     ("pred_last", "1e308", "1e+308"), ("target", "nan", "nan")])
+def test_an_oof_value_that_is_not_a_finite_number_of_sane_size_is_one_line(finished_run, tmp_path, column, value,
+                                                                            shown_as):
+    """inf ended in scikit-learn's ValueError; 1e308 passed, overflowed in the squared error (numpy's
+    RuntimeWarning on the console) and left NaN in report.json."""
+    run_dir = damaged_copy(finished_run, tmp_path)
+    trial = kept_trial(finished_run)
+    lines = (run_dir / "oof" / f"{trial}.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    cells = lines[3].split(",")
+    cells[header.index(column)] = value
+    lines[3] = ",".join(cells)
+    (run_dir / "oof" / f"{trial}.csv").write_text("\n".join(lines) + "\n")
+    assert lines_of(["report", "run"], tmp_path) == [
+        f"raycv: error: run/oof/{trial}.csv: not what raycv wrote ({column} on line 4 is {shown_as}; it must be a "
+        "finite number of magnitude 1e+100 at most); it may be cut short or edited"]
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "1e308"])
+def test_a_baseline_that_is_not_a_finite_rmse_is_one_line(finished_run, tmp_path, value):
+    """NaN was taken and written into report.json (which JSON has not)."""
+    run_dir = damaged_copy(finished_run, tmp_path)
+    (run_dir / "baselines.json").write_text(f'{{"mean": {{"pooled_rmse": {value}, "fold_rmse": [{value}]}}}}')
+    (line,) = lines_of(["report", "run"], tmp_path)
+    assert line.startswith("raycv: error: run/baselines.json: not what raycv wrote (mean.pooled_rmse: Input "
+                           "should be "), line
+
+
+def test_curve_times_too_large_to_add_leave_the_wall_time_unknown_without_a_warning(finished_run, tmp_path):
+    """1e308 s in fold_busy_s + fold_callbacks_s overflowed (numpy's RuntimeWarning on the console)."""
+    import warnings
+
+    run_dir = damaged_copy(finished_run, tmp_path)
+    path = run_dir / "curves" / f"{kept_trial(finished_run)}.csv"
+    curve = pd.read_csv(path)
+    curve["fold_busy_s"] = curve["fold_callbacks_s"] = curve["reported_at"] = 1e308
+    curve.to_csv(path, index=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert run_cli(["report", "run"], tmp_path, outputs=("run",))[0] == 0
+    report = json.loads((run_dir / "report.json").read_text(), parse_constant=pytest.fail)
+    assert report["cost"]["trials"][0]["wall_s"] is None
+
+
+@pytest.mark.parametrize("seed", [{"a": 1}, 10**400, "$\\frac$", None, [1, 2], True])
+def test_params_of_any_type_are_plotted_or_shown_as_text(finished_run, tmp_path, seed):
+    """A dict, a 400-digit number or mathtext as a trial's train.seed ended in matplotlib's TypeError,
+    OverflowError or ValueError, with report.json, trials.csv and two plots written and no report.md."""
+    import warnings
+
+    def odd(state):
+        state["trials"][0]["params"]["train.seed"] = seed
+
+    run_dir = damaged_copy(finished_run, tmp_path, odd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert run_cli(["report", "run"], tmp_path, outputs=("run",))[0] == 0
+    assert (run_dir / "report.md").is_file() and (run_dir / "rmse_by_param.png").is_file()
+    json.loads((run_dir / "report.json").read_text(), parse_constant=pytest.fail)
+
+
+@pytest.mark.parametrize("places, problems", [
+    ({"report.md": "dir"}, ["run/report.md is a directory"]),
+    ({"cv_rmse_curves.png": "dir", "trials.csv": "fifo"},
+     ["run/trials.csv is not a regular file (a device or a pipe)", "run/cv_rmse_curves.png is a directory"]),
+])
+def test_a_report_file_that_cannot_be_replaced_leaves_the_whole_report_unwritten(finished_run, tmp_path, places,
+                                                                                  problems):
+    """With report.md a directory, report.json, trials.csv and the plots were written before the refusal."""
+    run_dir = damaged_copy(finished_run, tmp_path)
+    for name, what in places.items():
+        (run_dir / name).mkdir() if what == "dir" else os.mkfifo(run_dir / name)
+    assert lines_of(["report", "run"], tmp_path) == [
+        f"raycv: error: {problem}; name a file to write" for problem in problems]
+    assert not list(run_dir.glob(".*.tmp"))
