@@ -144,7 +144,16 @@ def train_fold(args) -> int:
 
 def convert_structbert(args) -> int:
     from raycv.model import convert_structbert as convert
+    from raycv.model import file_problem, out_dir_problem
+    from raycv.preflight import output_problems
 
+    inputs = (args.checkpoint, args.config_json, args.vocab_txt)
+    problems = [problem for path in inputs if (problem := file_problem(Path(path).absolute()))]
+    out_dir = Path(args.out_dir)  # itself, then where it would be made (under a file, in a folder not writable)
+    problems += [problem] if (problem := out_dir_problem(out_dir)) else output_problems("out_dir", out_dir,
+                                                                                       directory=True)
+    if problems:
+        raise ConfigError(None, problems)
     ignored = convert(args.checkpoint, args.config_json, args.vocab_txt, args.out_dir)
     if ignored:
         print(f"ignored {len(ignored)} tensors a BertModel does not use (pretraining heads): {', '.join(ignored[:5])}"
