@@ -127,7 +127,8 @@ def predict_run(run_dir: Path, report: dict, which: str, data_path: str) -> tupl
     """`raycv predict --trials which`: the submission, and one line saying what made it."""
     weights, intercept, keep = chosen_trials(report, which)
     if not weights:
-        raise RaycvError(f"{run_dir} has no finished trial to predict with (see raycv report {run_dir})")
+        raise RaycvError(f"{run_dir} has no finished trial with out-of-fold predictions (in {run_dir / 'oof'}) to "
+                         f"predict with (see raycv report {run_dir})")
     stacked = which == "stacked"
     submission = predict_texts(run_dir, list(weights), data_path, weights=weights if stacked else None,
                                intercept=intercept, keep_needed=keep)
