@@ -195,13 +195,16 @@ def report(args) -> int:
 
 
 def predict(args) -> int:
+    from raycv.model import file_problem
     from raycv.predict import predict_run
     from raycv.preflight import output_problems, replaces_an_input
     from raycv.report import build_report, load_run
 
     run_dir, out = Path(args.run_dir), Path(args.out)
-    problems = output_problems("--out", out) + replaces_an_input("--out", out, {"--data": args.data,
-                                                                             "the run": run_dir})
+    # before it is read: a FIFO as --data waited for a writer for ever, /dev/zero never ended
+    problems = [f"--data: {problem}; name the CSV of texts to score"] if (problem := file_problem(args.data)) else []
+    problems += output_problems("--out", out) + replaces_an_input("--out", out, {"--data": args.data,
+                                                                              "the run": run_dir})
     report = attempt(problems, lambda: build_report(load_run(run_dir)))
     if problems:
         raise ConfigError(None, problems)
