@@ -914,6 +914,16 @@ def test_output_paths_under_a_file_or_in_proc(small_csv, tmp_path):
         "raycv: error: space.yaml: train.lr: Input should be greater than 0, found -1"]
 
 
+def test_an_out_dir_that_is_a_device_or_a_fifo_is_named_as_one(small_csv, tmp_path):
+    """train-fold's --out-dir /dev/null was "a file, not a directory"."""
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(tiny_space(small_csv)))
+    os.mkfifo(tmp_path / "fifo")
+    for out_dir in ("/dev/null", "fifo"):
+        assert lines_of(["train-fold", "space.yaml", "--fold", "0", "--out-dir", out_dir], tmp_path) == [
+            f"raycv: error: --out-dir: {out_dir} is a device, pipe or socket, not a directory; choose another with "
+            "--out-dir DIR"]
+
+
 @pytest.mark.parametrize("command", ["folds", "predict"])
 @pytest.mark.parametrize("out", ["/dev/full", "/dev/stdout", "/dev/null", "/proc/self/fd/1"])
 def test_out_that_is_a_device_is_refused_and_left_as_it_was(finished_run, small_csv, tmp_path, command, out):
