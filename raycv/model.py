@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import stat
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -52,6 +55,34 @@ def name_or_dir(path: str) -> tuple[str, bool]:
     if path.startswith(HUB_PREFIX):
         return path.removeprefix(HUB_PREFIX), False
     return path, True
+
+
+# ---------------------------------------------------------------- files raycv reads
+
+
+def what_is_at(path: str | Path) -> str | None:
+    """What is at `path` (links followed, as opening it does), as an error line names it: "a file", "a directory"
+    or "a device, pipe or socket"; None where nothing is. A name the system refuses (a part longer than 255
+    bytes, a NUL in it) raises OSError or ValueError."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return "a file" if stat.S_ISREG(mode) else "a directory" if stat.S_ISDIR(mode) else "a device, pipe or socket"
+
+
+def file_problem(path: str | Path) -> str | None:
+    """Why `path` is no file to read, as a line naming it, or None. Checked before any read: a FIFO waits for a
+    writer that never comes and /dev/zero never ends, so a device, pipe or socket is refused, as spaces' check
+    of data.path refuses it."""
+    try:
+        kind = what_is_at(path)
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
+        return f"{path}: cannot read it ({reason}); name a file"
+    if kind == "a file":
+        return None
+    return f"{path}: file not found" if kind is None else f"{path} is {kind}, not a file"
 
 
 # ---------------------------------------------------------------- tokenizers
@@ -129,7 +160,9 @@ def read_structbert_state_dict(
     """AliceMind's `en_model` with transformers' names; also returns the keys it ignored (pretraining heads).
     mmap: map the file instead of reading it (to look at shapes without the memory)."""
     try:
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():  # "Detected pickle protocol 4" leaked two lines before the refusal
+            warnings.simplefilter("ignore")
+            state = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises many types for a file that is not a checkpoint
         raise RaycvError(f"{checkpoint_path}: not a torch checkpoint ({first_line(exc)})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict", state.get("model")), dict):
@@ -187,18 +220,32 @@ def load_structbert(backbone: StructBertBackbone, attention: str = "sdpa"):
     return model, ignored
 
 
+def out_dir_problem(out_dir: Path) -> str | None:
+    """Why convert-structbert cannot make `out_dir` its new directory, or None."""
+    try:
+        kind = what_is_at(out_dir)
+        if kind not in (None, "a directory"):
+            return f"{out_dir} is {kind}, not a directory; choose a new directory"
+        if kind and any(out_dir.iterdir()):
+            return f"{out_dir} exists and is not empty; choose a new directory"
+    except (OSError, ValueError) as exc:  # a name the system refuses; a directory it may not list
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
+        return f"{out_dir}: cannot use it ({reason}); choose a new directory"
+    return None
+
+
 def convert_structbert(checkpoint: str, config_json: str, vocab: str, out_dir: str | Path) -> list[str]:
     """Write a standard transformers directory (config.json, model.safetensors, tokenizer) for AutoModel."""
     from transformers import BertTokenizerFast
 
     checkpoint, config_json, vocab = (str(Path(p).absolute()) for p in (checkpoint, config_json, vocab))
     backbone = StructBertBackbone(type="structbert", checkpoint=checkpoint, config=config_json, vocab=vocab)
-    for path in (checkpoint, config_json, vocab):
-        if not Path(path).is_file():
-            raise RaycvError(f"{path}: file not found")
+    problem = next(filter(None, map(file_problem, (checkpoint, config_json, vocab))), None)
+    if problem:  # `raycv convert-structbert` names every bad argument at once, before this
+        raise RaycvError(problem)
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise RaycvError(f"{out_dir} exists and is not empty; choose a new directory")
+    if problem := out_dir_problem(out_dir):
+        raise RaycvError(problem)
     check_bert_vocab(vocab)
     model, ignored = load_structbert(backbone, attention="eager")
     with tempfile.TemporaryDirectory(dir=out_dir.parent if out_dir.parent.exists() else None) as tmp:

@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from raycv import RaycvError, first_line, storage
 from raycv.config import Config, DataConfig, dump_yaml
 from raycv.data import read_texts, tokenize
-from raycv.model import autocast_dtype, backbone_config, load_tokenizer, regressor_from_weights
+from raycv.model import autocast_dtype, backbone_config, file_problem, load_tokenizer, regressor_from_weights
 from raycv.train_fold import default_device, predict
 
 MODELS_DIR = "models"
@@ -101,6 +101,20 @@ def reading(path: Path):
                          "edited: run the search again to keep new ones") from None
 
 
+def check_kept_files(directory: Path) -> None:
+    """Every file predict opens from a trial's kept models (its config, backbone.json, fold models and tokenizer
+    files) is a regular file, checked before any is read: a FIFO among them waited for a writer for ever, and
+    a directory as tokenizer.json was passed over for another tokenizer."""
+    tokenizer_dir = directory / "tokenizer"
+    paths = [directory / "config.yaml", directory / "backbone.json", *sorted(directory.glob("fold_*.safetensors"))]
+    if tokenizer_dir.is_dir():  # save_pretrained writes files only; a tokenizer/ that is no directory fails to load
+        paths += sorted(tokenizer_dir.iterdir())
+    problem = next(filter(None, map(file_problem, paths)), None)
+    if problem:
+        raise RaycvError(f"{problem}; the run's kept models were cut short or edited: run the search again to keep "
+                         "new ones")
+
+
 PREDICT_TRIALS = ("best", "top-k", "stacked")  # what `raycv predict --trials` chooses from
 
 
@@ -127,7 +141,8 @@ def predict_run(run_dir: Path, report: dict, which: str, data_path: str) -> tupl
     """`raycv predict --trials which`: the submission, and one line saying what made it."""
     weights, intercept, keep = chosen_trials(report, which)
     if not weights:
-        raise RaycvError(f"{run_dir} has no finished trial to predict with (see raycv report {run_dir})")
+        raise RaycvError(f"{run_dir} has no finished trial with out-of-fold predictions (in {run_dir / 'oof'}) to "
+                         f"predict with (see raycv report {run_dir})")
     stacked = which == "stacked"
     submission = predict_texts(run_dir, list(weights), data_path, weights=weights if stacked else None,
                                intercept=intercept, keep_needed=keep)
@@ -168,6 +183,7 @@ def predict_texts(run_dir: Path, trial_ids: list[str], data_path: str, batch_siz
     configs = {}
     for trial_id in trial_ids:  # every trial's config and fold files before any work
         directory = models_dir(run_dir, trial_id)
+        check_kept_files(directory)
         with reading(directory / "config.yaml"):
             configs[trial_id] = Config.model_validate(yaml.safe_load((directory / "config.yaml").read_bytes()))
         folds = set(model_files(configs[trial_id]))

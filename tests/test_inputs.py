@@ -658,13 +658,21 @@ RUN_FILES = ["run.json", "folds.csv", "baselines.json", "resolved_config.yaml", 
              "models/{t}/tokenizer/tokenizer_config.json"]
 
 
+MODEL_FILES = [name for name in RUN_FILES if name.startswith("models/")] + ["models/{t}/tokenizer/vocab.txt"]
+
+
 @st.composite
-def run_mutations(draw) -> list[tuple[str, str, bytes]]:
-    """What happens to a run directory's files: deleted, truncated, replaced with garbage or an empty file."""
+def run_mutations(draw, model_files_replaced: bool = False) -> list[tuple[str, str, bytes]]:
+    """What happens to a run directory's files: deleted, truncated, replaced with garbage or an empty file;
+    with `model_files_replaced`, a file predict opens from the kept models also by a FIFO (read, it waited for
+    a writer for ever) or a directory."""
     changes = []
     for _ in range(draw(st.integers(1, 2))):
         name = draw(st.sampled_from(RUN_FILES + ["models/{t}", "oof", "curves", "models"]))
-        how = draw(st.sampled_from(["delete", "truncate", "garbage", "empty", "json", "csv"]))
+        hows = st.sampled_from(["delete", "truncate", "garbage", "empty", "json", "csv"])
+        how = draw(hows | st.sampled_from(["fifo", "directory"]) if model_files_replaced else hows)
+        if how in ("fifo", "directory"):
+            name = draw(st.sampled_from(MODEL_FILES))
         payload = {
             "garbage": draw(st.binary(max_size=40)),
             "json": draw(st.sampled_from([b"{}", b"[]", b"null", b'{"trials": 3}', b'{"name": 1, "trials": [{}]}',
@@ -679,11 +687,14 @@ def run_mutations(draw) -> list[tuple[str, str, bytes]]:
 def mutate(run_dir: Path, changes, trial_id: str) -> None:
     for name, how, payload in changes:
         path = run_dir / name.format(t=trial_id)
-        if how == "delete":
+        if how in ("delete", "fifo", "directory"):
             if path.is_dir():
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
+            if how != "delete":
+                path.parent.mkdir(parents=True, exist_ok=True)
+                os.mkfifo(path) if how == "fifo" else path.mkdir()
         elif path.is_dir():
             continue
         elif how == "truncate" and path.is_file():
@@ -772,16 +783,36 @@ def test_any_damaged_values_in_a_run_for_report(finished_run, changes):
             json.loads((cwd / "run" / "report.json").read_text(), parse_constant=pytest.fail)
 
 
-@settings(max_examples=20, **SETTINGS)
-@given(changes=run_mutations(), data=csv_bytes(with_target=False) | st.just(None))
+@settings(max_examples=24, **SETTINGS)
+@given(changes=run_mutations(),
+       data=csv_bytes(with_target=False) | st.just(None) | st.sampled_from(["fifo", "directory", "/dev/zero"]))
 def test_any_broken_run_directory_or_data_for_predict(finished_run, small_csv, changes, data):
+    """--data may also be a FIFO, a directory or a device, which reading would wait on or never end."""
     with workdir() as cwd:
         shutil.copytree(finished_run, cwd / "run")
+        texts = "test.csv"
         if data is None:  # the run is what is broken; the texts are fine
             pd.read_csv(small_csv, nrows=5).drop(columns="target").to_csv(cwd / "test.csv", index=False)
             mutate(cwd / "run", changes, kept_trial(finished_run))
+        elif data == "fifo":
+            os.mkfifo(cwd / "test.csv")
+        elif data == "directory":
+            (cwd / "test.csv").mkdir()
+        elif isinstance(data, str):
+            texts = data
         else:  # the texts are what is broken
             (cwd / "test.csv").write_bytes(data)
+        run_cli(["predict", "run", "--data", texts, "--out", "sub.csv"], cwd, outputs=("sub.csv",))
+
+
+@settings(max_examples=12, **SETTINGS)
+@given(changes=run_mutations(model_files_replaced=True))
+def test_any_kept_model_file_replaced_for_predict(finished_run, small_csv, changes):
+    """A file predict opens from the kept models may also be a FIFO or a directory (a FIFO waited for ever)."""
+    with workdir() as cwd:
+        shutil.copytree(finished_run, cwd / "run")
+        pd.read_csv(small_csv, nrows=5).drop(columns="target").to_csv(cwd / "test.csv", index=False)
+        mutate(cwd / "run", changes, kept_trial(finished_run))
         run_cli(["predict", "run", "--data", "test.csv", "--out", "sub.csv"], cwd, outputs=("sub.csv",))
 
 
@@ -1104,6 +1135,16 @@ def test_output_paths_under_a_file_or_in_proc(small_csv, tmp_path):
         "raycv: error: space.yaml: train.lr: Input should be greater than 0, found -1"]
 
 
+def test_an_out_dir_that_is_a_device_or_a_fifo_is_named_as_one(small_csv, tmp_path):
+    """train-fold's --out-dir /dev/null was "a file, not a directory"."""
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(tiny_space(small_csv)))
+    os.mkfifo(tmp_path / "fifo")
+    for out_dir in ("/dev/null", "fifo"):
+        assert lines_of(["train-fold", "space.yaml", "--fold", "0", "--out-dir", out_dir], tmp_path) == [
+            f"raycv: error: --out-dir: {out_dir} is a device, pipe or socket, not a directory; choose another with "
+            "--out-dir DIR"]
+
+
 @pytest.mark.parametrize("command", ["folds", "predict"])
 @pytest.mark.parametrize("out", ["/dev/full", "/dev/stdout", "/dev/null", "/proc/self/fd/1"])
 def test_out_that_is_a_device_is_refused_and_left_as_it_was(finished_run, small_csv, tmp_path, command, out):
@@ -1128,6 +1169,39 @@ def test_texts_with_a_header_and_no_rows_are_refused_as_such(finished_run, tmp_p
     (tmp_path / "test.csv").write_text("id,excerpt\n")
     assert lines_of(["predict", "run", "--data", "test.csv", "--out", "p.csv"], tmp_path) == [
         "raycv: error: test.csv: no rows under the header; nothing to score"]
+
+
+# Before the fix each of these waited for ever, some inside safetensors' or tokenizers' Rust, which no signal
+# interrupts: the thread method ends the whole session instead of hanging it.
+FOREVER = pytest.mark.timeout(60, method="thread")
+
+
+@FOREVER
+@pytest.mark.parametrize("data", ["fifo", "/dev/zero", "folder"])
+def test_data_that_is_no_file_is_refused_before_it_is_read(finished_run, tmp_path, data):
+    """`predict --data` a FIFO waited for a writer for ever; /dev/zero was read without end."""
+    shutil.copytree(finished_run, tmp_path / "run")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "folder").mkdir()
+    kind = "a directory" if data == "folder" else "a device, pipe or socket"
+    assert lines_of(["predict", "run", "--data", data, "--out", "p.csv"], tmp_path) == [
+        f"raycv: error: --data: {data} is {kind}, not a file; name the CSV of texts to score"]
+
+
+@FOREVER
+@pytest.mark.parametrize("name", ["fold_0.safetensors", "fold_1.safetensors", "config.yaml", "backbone.json",
+                                  "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
+                                  "tokenizer/special_tokens_map.json"])
+def test_a_kept_model_file_that_is_a_fifo_is_refused_before_any_is_read(finished_run, small_csv, tmp_path, name):
+    """A FIFO in place of a fold model (or any file predict opens from the kept models) waited for ever."""
+    shutil.copytree(finished_run, tmp_path / "run")
+    pd.read_csv(small_csv, nrows=3).drop(columns="target").to_csv(tmp_path / "test.csv", index=False)
+    path = Path("run") / "models" / kept_trial(finished_run) / name
+    (tmp_path / path).unlink(missing_ok=True)
+    os.mkfifo(tmp_path / path)
+    assert lines_of(["predict", "run", "--data", "test.csv", "--out", "p.csv"], tmp_path) == [
+        f"raycv: error: {path} is a device, pipe or socket, not a file; the run's kept models were cut short or "
+        "edited: run the search again to keep new ones"]
 
 
 def test_out_through_a_link_writes_the_linked_file_and_keeps_the_link(small_csv, tmp_path):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -166,6 +169,71 @@ def test_conversion_into_an_existing_empty_directory(structbert_files, tmp_path,
     code, _, stderr = convert(files, out, capsys)
     assert code == 0 and "raycv: error" not in stderr  # stderr may hold transformers' "Writing model shards" bar
     assert {"config.json", "model.safetensors", "vocab.txt", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+
+
+
+def refused(argv, cwd, capsys) -> list[str]:
+    """main(argv) must exit 2 with only `raycv: error:` lines, no traceback, and leave `cwd` as it was."""
+    before = sorted(p.name for p in cwd.iterdir())
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == "" and "Traceback" not in captured.err, captured.err
+    assert sorted(p.name for p in cwd.iterdir()) == before
+    lines = captured.err.splitlines()
+    assert lines and all(line.startswith("raycv: error: ") for line in lines), lines
+    return lines
+
+
+def test_an_output_that_is_a_file_or_a_device_is_one_line(structbert_files, tmp_path, capsys):
+    """A file as out_dir ended in NotADirectoryError from out_dir.iterdir()."""
+    files = structbert_files("bert")
+    (tmp_path / "out").write_text("mine")
+    inputs = [files.checkpoint, files.config, files.vocab]
+    assert refused(["convert-structbert", *inputs, tmp_path / "out"], tmp_path, capsys) == [
+        f"raycv: error: {tmp_path / 'out'} is a file, not a directory; choose a new directory"]
+    assert refused(["convert-structbert", *inputs, "/dev/null"], tmp_path, capsys) == [
+        "raycv: error: /dev/null is a device, pipe or socket, not a directory; choose a new directory"]
+    assert refused(["convert-structbert", *inputs, tmp_path / "out" / "new"], tmp_path, capsys) == [
+        f"raycv: error: out_dir: cannot create {tmp_path / 'out' / 'new'}: {tmp_path / 'out'} is a file, not a "
+        "directory"]
+    assert (tmp_path / "out").read_text() == "mine"
+
+
+def test_inputs_that_are_no_files_say_what_is_there(structbert_files, tmp_path, capsys):
+    """A directory and a FIFO were both "file not found"; reading a FIFO would wait for a writer for ever."""
+    files = structbert_files("bert")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "folder").mkdir()
+    argv = ["convert-structbert", tmp_path / "fifo", tmp_path / "folder", files.vocab, tmp_path / "converted"]
+    assert refused(argv, tmp_path, capsys) == [
+        f"raycv: error: {tmp_path / 'fifo'} is a device, pipe or socket, not a file",
+        f"raycv: error: {tmp_path / 'folder'} is a directory, not a file"]
+    assert refused(["convert-structbert", files.checkpoint, files.config, "/dev/zero", tmp_path / "converted"],
+                   tmp_path, capsys) == ["raycv: error: /dev/zero is a device, pipe or socket, not a file"]
+
+
+def test_a_name_too_long_is_one_line_naming_it(structbert_files, tmp_path, capsys):
+    """A checkpoint named with 300 bytes ended in OSError [Errno 36] File name too long."""
+    files = structbert_files("bert")
+    long_name = tmp_path / ("a" * 300)
+    assert refused(["convert-structbert", long_name, files.config, files.vocab, tmp_path / "converted"],
+                   tmp_path, capsys) == [f"raycv: error: {long_name}: cannot read it (File name too long); name a file"]
+    assert refused(["convert-structbert", files.checkpoint, files.config, files.vocab, long_name],
+                   tmp_path, capsys) == [f"raycv: error: {long_name}: cannot use it (File name too long); choose a "
+                                         "new directory"]
+
+
+def test_a_pickle_of_something_else_is_one_line_without_torch_warnings(structbert_files, tmp_path, capsys):
+    """torch's "Detected pickle protocol 4" UserWarning printed two lines before the refusal."""
+    files = structbert_files("bert")
+    with files.checkpoint.open("wb") as handle:
+        pickle.dump(os.system, handle, protocol=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (line,) = refused(["convert-structbert", files.checkpoint, files.config, files.vocab, tmp_path / "out"],
+                          tmp_path, capsys)
+    assert line.startswith(f"raycv: error: {files.checkpoint}: not a torch checkpoint (")
+    assert [str(w.message) for w in caught] == []
 
 
 # ---------------------------------------------------------------- StructBERT as a config's backbone
