@@ -5,7 +5,6 @@ Human output lives here (and in the Tune driver): the library modules only log.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shlex
 from pathlib import Path
@@ -111,12 +110,12 @@ def folds(args) -> int:
 
 
 def train_fold(args) -> int:
-    from raycv.preflight import preflight
+    from raycv.preflight import output_problems, preflight
     from raycv.progress import fold_line
     from raycv.train_fold import split_fold
     from raycv.train_fold import train_fold as run_fold
 
-    problems = out_dir_problems("--out-dir", Path(args.out_dir)) if args.out_dir else []
+    problems = output_problems("--out-dir", Path(args.out_dir), FOLD_FILES) if args.out_dir else []
     config = attempt(problems, lambda: load_config(args.space, args.overrides))
     if config is None:
         raise ConfigError(None, problems)
@@ -124,8 +123,9 @@ def train_fold(args) -> int:
         problems.insert(0, f"--fold {args.fold} is out of range; "
                            f"data.num_folds is {config.data.num_folds} (0..{config.data.num_folds - 1})")
     out_dir = Path(args.out_dir or Path(config.run.output_dir) / "train_fold" / f"fold_{args.fold}")
-    if not args.out_dir:
-        problems += out_dir_problems("run.output_dir", out_dir)
+    # (a run.output_dir that is no directory is preflight's line: said once)
+    if not args.out_dir and not output_problems("run.output_dir", Path(config.run.output_dir), directory=True):
+        problems += output_problems("run.output_dir", out_dir, FOLD_FILES)
     plan = attempt(problems, lambda: preflight(config, str(resolve_space_path(args.space))))
     if problems:
         raise ConfigError(None, problems)
@@ -143,19 +143,6 @@ def train_fold(args) -> int:
     return 0
 
 
-def out_dir_problems(flag: str, out_dir: Path) -> list[str]:
-    """Where train-fold writes its files, checked before any work: preflight.output_problems, but a device, pipe
-    or socket is named as one (it called --out-dir /dev/null "a file")."""
-    from raycv.model import what_is_at
-    from raycv.preflight import output_problems
-
-    with contextlib.suppress(OSError, ValueError):  # a name the system refuses: output_problems says so
-        if (kind := what_is_at(out_dir)) == "a device, pipe or socket":
-            other = f"{flag} DIR" if flag.startswith("--") else f"{flag}=DIR"
-            return [f"{flag}: {out_dir} is {kind}, not a directory; choose another with {other}"]
-    return output_problems(flag, out_dir, FOLD_FILES)
-
-
 def convert_structbert(args) -> int:
     from raycv.model import convert_structbert as convert
     from raycv.model import file_problem, out_dir_problem
@@ -164,8 +151,8 @@ def convert_structbert(args) -> int:
     inputs = (args.checkpoint, args.config_json, args.vocab_txt)
     problems = [problem for path in inputs if (problem := file_problem(Path(path).absolute()))]
     out_dir = Path(args.out_dir)  # itself, then where it would be made (under a file, in a folder not writable)
-    problems += [problem] if (problem := out_dir_problem(out_dir)) else output_problems("out_dir", out_dir,
-                                                                                       directory=True)
+    problems += [f"out_dir: {problem}"] if (problem := out_dir_problem(out_dir)) else \
+        output_problems("out_dir", out_dir, directory=True)
     if problems:
         raise ConfigError(None, problems)
     ignored = convert(args.checkpoint, args.config_json, args.vocab_txt, args.out_dir)

@@ -158,7 +158,7 @@ def test_conversion_refuses_a_non_empty_output_directory(structbert_files, tmp_p
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     code, _, stderr = convert(files, out, capsys)
-    assert code == 2 and stderr == f"raycv: error: {out} exists and is not empty; choose a new directory\n"
+    assert code == 2 and stderr == f"raycv: error: out_dir: {out} exists and is not empty; choose a new directory\n"
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
@@ -190,9 +190,9 @@ def test_an_output_that_is_a_file_or_a_device_is_one_line(structbert_files, tmp_
     (tmp_path / "out").write_text("mine")
     inputs = [files.checkpoint, files.config, files.vocab]
     assert refused(["convert-structbert", *inputs, tmp_path / "out"], tmp_path, capsys) == [
-        f"raycv: error: {tmp_path / 'out'} is a file, not a directory; choose a new directory"]
+        f"raycv: error: out_dir: {tmp_path / 'out'} is a file, not a directory; choose a new directory"]
     assert refused(["convert-structbert", *inputs, "/dev/null"], tmp_path, capsys) == [
-        "raycv: error: /dev/null is a device, pipe or socket, not a directory; choose a new directory"]
+        "raycv: error: out_dir: /dev/null is a device, pipe or socket, not a directory; choose a new directory"]
     assert refused(["convert-structbert", *inputs, tmp_path / "out" / "new"], tmp_path, capsys) == [
         f"raycv: error: out_dir: cannot create {tmp_path / 'out' / 'new'}: {tmp_path / 'out'} is a file, not a "
         "directory"]
@@ -219,8 +219,8 @@ def test_a_name_too_long_is_one_line_naming_it(structbert_files, tmp_path, capsy
     assert refused(["convert-structbert", long_name, files.config, files.vocab, tmp_path / "converted"],
                    tmp_path, capsys) == [f"raycv: error: {long_name}: cannot read it (File name too long); name a file"]
     assert refused(["convert-structbert", files.checkpoint, files.config, files.vocab, long_name],
-                   tmp_path, capsys) == [f"raycv: error: {long_name}: cannot use it (File name too long); choose a "
-                                         "new directory"]
+                   tmp_path, capsys) == [f"raycv: error: out_dir: {long_name}: cannot use it (File name too long); "
+                                         "choose a new directory"]
 
 
 def test_a_pickle_of_something_else_is_one_line_without_torch_warnings(structbert_files, tmp_path, capsys):
