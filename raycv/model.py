@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import stat
 import tempfile
 import warnings
 from pathlib import Path
@@ -21,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from raycv import RaycvError, first_line, shown
+from raycv import RaycvError, first_line, shown, storage
 from raycv.config import HUB_PREFIX, MINILM_ALIAS, ModelConfig, PretrainedBackbone, StructBertBackbone, TinyBackbone
 
 log = logging.getLogger(__name__)
@@ -60,23 +58,12 @@ def name_or_dir(path: str) -> tuple[str, bool]:
 # ---------------------------------------------------------------- files raycv reads
 
 
-def what_is_at(path: str | Path) -> str | None:
-    """What is at `path` (links followed, as opening it does), as an error line names it: "a file", "a directory"
-    or "a device, pipe or socket"; None where nothing is. A name the system refuses (a part longer than 255
-    bytes, a NUL in it) raises OSError or ValueError."""
-    try:
-        mode = os.stat(path).st_mode
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    return "a file" if stat.S_ISREG(mode) else "a directory" if stat.S_ISDIR(mode) else "a device, pipe or socket"
-
-
 def file_problem(path: str | Path) -> str | None:
     """Why `path` is no file to read, as a line naming it, or None. Checked before any read: a FIFO waits for a
     writer that never comes and /dev/zero never ends, so a device, pipe or socket is refused, as spaces' check
     of data.path refuses it."""
     try:
-        kind = what_is_at(path)
+        kind = storage.what_is_at(path)
     except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
         return f"{path}: cannot read it ({reason}); name a file"
@@ -223,7 +210,7 @@ def load_structbert(backbone: StructBertBackbone, attention: str = "sdpa"):
 def out_dir_problem(out_dir: Path) -> str | None:
     """Why convert-structbert cannot make `out_dir` its new directory, or None."""
     try:
-        kind = what_is_at(out_dir)
+        kind = storage.what_is_at(out_dir)
         if kind not in (None, "a directory"):
             return f"{out_dir} is {kind}, not a directory; choose a new directory"
         if kind and any(out_dir.iterdir()):

@@ -256,16 +256,14 @@ def output_problems(flag: str, path: str | Path, files: tuple[str, ...] = (), di
         if not directory and (problem := storage.not_a_file_to_replace(path)):  # written by a rename, which replaces it
             return [f"{flag}: {path} {problem}; name a file, e.g. {flag} {example}"]
         if directory and path.exists() and not path.is_dir():
-            kind = "a file" if path.is_file() else "a device, pipe or socket"  # --out-dir /dev/null
-            return [f"{flag}: {path} is {kind}, not a directory; choose another with {other}"]
+            return [f"{flag}: {path} is {storage.what_is_at(path)}, not a directory; choose another with {other}"]
         taken = [name for name in files if (path / name).is_dir()]
         if taken:
             return [f"{flag}: {path} holds a directory named {taken[0]}, where a file is written; choose another "
                     f"with {other}"]
         existing = next(p for p in [*([path] if directory else []), *path.parents] if p.exists())
         if not existing.is_dir():
-            kind = "a file" if existing.is_file() else "a device, pipe or socket"
-            return [f"{flag}: cannot create {path}: {existing} is {kind}, not a directory"]
+            return [f"{flag}: cannot create {path}: {existing} is {storage.what_is_at(existing)}, not a directory"]
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as exc:

@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from raycv import RaycvError, first_line, shown
+from raycv import RaycvError, first_line, shown, storage
 from raycv.config import (
     BACKBONE_TYPES,
     DISTRIBUTIONS,
@@ -396,7 +396,6 @@ def _resolve_paths(raw: dict, space_path: Path, model_files: bool = True) -> lis
             if there is None:
                 problems.append(f"{key}: {what} not found (tried {tried}); set {key}=/path/to/{what}{hint}")
             else:
-                kind_there = ("is a directory" if there.is_dir() else "is a file" if there.is_file()
-                              else "is a device, pipe or socket")
-                problems.append(f"{key}: {there} {kind_there}, not a {what}; set {key}=/path/to/{what}{hint}")
+                problems.append(f"{key}: {there} is {storage.what_is_at(there)}, not a {what}; "
+                                f"set {key}=/path/to/{what}{hint}")
     return problems

@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import stat
 import time
 import uuid
 from collections.abc import Callable
@@ -110,6 +111,17 @@ def write_atomic(path: str | Path, write: Callable[[Path], object]) -> None:
     finally:
         if tmp.exists():  # False under a file or in a place that refused it: never created
             tmp.unlink()
+
+
+def what_is_at(path: str | Path) -> str | None:
+    """What is at `path` (links followed, as opening it does), as an error line names it: "a file", "a directory"
+    or "a device, pipe or socket"; None where nothing is. A name the system refuses (a part longer than 255
+    bytes, a NUL in it) raises OSError or ValueError."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return "a file" if stat.S_ISREG(mode) else "a directory" if stat.S_ISDIR(mode) else "a device, pipe or socket"
 
 
 def not_a_file_to_replace(path: Path) -> str | None:
