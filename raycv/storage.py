@@ -290,6 +290,11 @@ def write_text(storage_path: str, relative: str, text: str) -> None:
     retrying(storage_path, write)
 
 
+def shown_path(storage_path: str, relative: str) -> str:
+    """A file in the storage as an error line names it: the storage as the config gives it, then the file."""
+    return _join(storage_path, relative)
+
+
 def read_text(storage_path: str, relative: str) -> str | None:
     """A file's text, or None where there is no such file."""
     data = read_bytes(storage_path, relative)

@@ -728,6 +728,37 @@ def report_damage(draw) -> list[tuple[str, object]]:
             for kind in draw(st.lists(st.sampled_from(kinds), min_size=1, max_size=2))]
 
 
+def with_storage(run_dir: Path, state: dict, trial_id: str) -> Path:
+    """The run as an unfinished one leaves it: interrupted, its storage (run/ray, relative to the working
+    folder) holding the trial's OOF predictions and curve as rank 0 wrote them. Returns the trial's results."""
+    state["state"] = "interrupted"
+    for trial in state["trials"]:
+        trial["status"] = "interrupted"
+    config = yaml.safe_load((run_dir / "resolved_config.yaml").read_text())
+    config["run"]["storage_path"] = "run/ray"  # relative to the working folder, where the report runs
+    (run_dir / "resolved_config.yaml").write_text(yaml.safe_dump(config))
+    results = run_dir / "ray" / "results" / trial_id
+    if not results.is_dir():
+        results.mkdir(parents=True)
+        shutil.copy(run_dir / "oof" / f"{trial_id}.csv", results / "oof.csv")
+        shutil.copy(run_dir / "curves" / f"{trial_id}.csv", results / "curve.csv")
+    return results
+
+
+def replace(path: Path, content: bytes | str) -> None:
+    """`path` (a file, a directory or nothing) becomes `content`: bytes, or "fifo" or "dir"."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+    if content == "fifo":
+        os.mkfifo(path)
+    elif content == "dir":
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+
+
 def damage(run_dir: Path, changes, trial_id: str) -> None:
     import socket
 
@@ -1381,3 +1412,64 @@ def test_a_report_file_that_cannot_be_replaced_leaves_the_whole_report_unwritten
     assert lines_of(["report", "run"], tmp_path) == [
         f"raycv: error: {problem}; name a file to write" for problem in problems]
     assert not list(run_dir.glob(".*.tmp"))
+
+
+# ---------------------------------------------------------------- a trial's files in the storage, and seed columns
+
+
+def interrupted_copy(finished_run: Path, cwd: Path) -> tuple[Path, Path]:
+    """A copy of the finished run in `cwd`/run as an interrupted run leaves it (`with_storage`), which
+    `raycv report` collects from its storage before it reports. Returns (run directory, trial's results)."""
+    results = []
+    run_dir = damaged_copy(finished_run, cwd, lambda state: results.append(
+        with_storage(cwd / "run", state, kept_trial(finished_run))))
+    return run_dir, results[0]
+
+
+NOT_WRITTEN = "; it may be cut short or edited: remove it, and the trial is collected without it"
+
+
+@FOREVER
+@pytest.mark.parametrize("name, content, reason", [
+    ("status.json", b"{", "(the top: Invalid JSON: EOF while parsing an object at line 1 column 1)"),
+    ("status.json", b"\xff\xfe", "('utf-8' codec can't decode byte 0xff in position 0: invalid start byte)"),
+    ("status.json", b"[1]", "(the top: Input should be an object)"),
+    ("status.json", b'"finished"', "(the top: Input should be an object)"),
+    ("status.json", b'{"status": "done", "reason": null}', "(status 'done' is none of finished, stopped, diverged, "
+                                                           "error)"),
+    ("status.json", b'{"status": "error", "reason": 3}', "(reason: Input should be a valid string)"),
+    ("status.json", b"", "(the top: Invalid JSON: EOF while parsing a value at line 1 column 0)"),
+    ("restarts.json", b'"x"', "(the top: Input should be a valid array)"),
+    ("restarts.json", b'{"points_redone": 1}', "(the top: Input should be a valid array)"),
+    ("restarts.json", b"[1]", "(0: Input should be an object)"),
+    ("restarts.json", b'[{"checkpoint_point": 1, "points_redone": -1}]',
+     "(0.points_redone: Input should be greater than or equal to 0)"),
+    ("restarts.json", b'[{"checkpoint_point": 1, "points_redone": "2"}]', "(0.points_redone: Input should be a valid "
+                                                                          "integer)"),
+    ("restarts.json", b'[{"checkpoint_point": 1}]', "(0.points_redone: Field required)"),
+    ("restarts.json", b"[" * 100000 + b"]" * 100000, "(the top: Invalid JSON: recursion limit exceeded at line 1 "),
+    ("curve.csv", b"\xff\xfe", "('utf-8' codec can't decode byte 0xff in position 0: invalid start byte)"),
+    ("curve.csv", b"", "(No columns to parse from file)"),
+], ids=lambda value: str(value)[:30])
+def test_a_damaged_file_of_a_trial_in_the_storage_is_one_line_naming_it(finished_run, tmp_path, name, content,
+                                                                        reason):
+    """`raycv report` on a run that has not finished collects each unfinished trial's files from the storage;
+    status.json and restarts.json were read unchecked (json.loads, then ["status"] or ["points_redone"]): a
+    list, a string or not JSON at all ended in a traceback, after the trial's OOF predictions were copied."""
+    run_dir, results = interrupted_copy(finished_run, tmp_path)
+    replace(results / name, content)
+    (line,) = lines_of(["report", "run"], tmp_path)  # and nothing in the run directory changed
+    expected = f"raycv: error: run/ray/results/{kept_trial(finished_run)}/{name}: not what raycv wrote {reason}"
+    assert line.startswith(expected) and line.endswith(NOT_WRITTEN), line
+
+
+def test_a_trial_whose_storage_holds_a_status_and_restarts_is_collected_with_them(finished_run, tmp_path):
+    """What rank 0 and the trial driver write is taken: the checks refuse damage, not the files raycv writes."""
+    run_dir, results = interrupted_copy(finished_run, tmp_path)
+    (results / "status.json").write_text(json.dumps({"status": "diverged", "reason": "fold 1: loss is NaN"}))
+    (results / "restarts.json").write_text(json.dumps([{"checkpoint_point": 1, "points_redone": 2},
+                                                       {"checkpoint_point": 3, "points_redone": 0}]))
+    assert run_cli(["report", "run"], tmp_path, outputs=("run",))[0] == 0
+    (trial,) = json.loads((run_dir / "report.json").read_text())["trials"]
+    assert (trial["status"], trial["reason"], trial["restarts"], trial["points_redone"]) == (
+        "diverged", "fold 1: loss is NaN", 2, 2)
