@@ -10,6 +10,7 @@ needs neither Ray nor GPUs.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -148,13 +149,22 @@ def load_run_state(run_dir: Path) -> RunState | None:
 
 
 def run_file_exists(path: Path) -> bool:
-    """Whether `path` is a file; a path the system cannot look up at all (a name longer than it allows, a
-    folder on the way it may not enter) is one line naming it, not a traceback. A loop of links or a NUL
-    byte is no file (pathlib's own answer)."""
+    """Whether the run's file `path` is there (False where nothing is). Something else in its place (a
+    directory, a FIFO, a device, a socket) is one line naming it, as is a path the system cannot look up at
+    all (a name longer than it allows, a folder on the way it may not enter): reading a FIFO waits for a
+    writer for ever, and skipping it would report the run without the file. A loop of links or a NUL byte is
+    no file (pathlib's own answer)."""
     try:
-        return Path(path).is_file()
+        kind = storage.what_is_at(path)
+    except ValueError:  # a NUL in the name
+        return False
     except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EBADF):  # what pathlib's is_file answers False to
+            return False
         raise RaycvError(f"{path}: cannot look it up ({exc.strerror or first_line(exc)})") from None
+    if kind in (None, "a file"):
+        return kind is not None
+    raise RaycvError(f"{path} is {kind}, not a file raycv wrote; remove it, or put back the run's file")
 
 
 def _first_error(exc: ValidationError) -> str:

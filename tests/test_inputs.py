@@ -1463,6 +1463,37 @@ def test_a_damaged_file_of_a_trial_in_the_storage_is_one_line_naming_it(finished
     assert line.startswith(expected) and line.endswith(NOT_WRITTEN), line
 
 
+@FOREVER
+@pytest.mark.parametrize("name", ["status.json", "restarts.json", "oof.csv", "curve.csv"])
+@pytest.mark.parametrize("content", ["fifo", "dir"])
+def test_a_trial_file_in_the_storage_that_is_no_file_is_refused_before_it_is_read(finished_run, tmp_path, name,
+                                                                                   content):
+    """A FIFO in place of a trial's oof.csv in the storage: `raycv report` waited for a writer for ever."""
+    run_dir, results = interrupted_copy(finished_run, tmp_path)
+    replace(results / name, content)
+    kind = "a directory" if content == "dir" else "a device, pipe or socket"
+    assert lines_of(["report", "run"], tmp_path) == [
+        f"raycv: error: run/ray/results/{kept_trial(finished_run)}/{name} is {kind}, not a file raycv wrote; "
+        "remove it"]
+
+
+@FOREVER
+@pytest.mark.parametrize("name, state", [
+    ("oof/{t}.csv", "finished"), ("curves/{t}.csv", "finished"), ("run.json", "finished"), ("folds.csv", "finished"),
+    # an unfinished run's report first copies the trial's files from the storage to these places
+    ("oof/{t}.csv", "interrupted"), ("curves/{t}.csv", "interrupted"), ("run.json", "interrupted")])
+@pytest.mark.parametrize("content", ["fifo", "dir"])
+def test_a_run_file_that_is_no_file_is_one_line_naming_it(finished_run, tmp_path, name, content, state):
+    """A FIFO or a directory in place of a trial's OOF predictions or curve was skipped: the report called the
+    trial one without predictions (and a run.json or folds.csv that is a directory 'missing')."""
+    interrupted_copy(finished_run, tmp_path) if state == "interrupted" else damaged_copy(finished_run, tmp_path)
+    path = f"run/{name.format(t=kept_trial(finished_run))}"
+    replace(tmp_path / path, content)
+    kind = "a directory" if content == "dir" else "a device, pipe or socket"
+    assert lines_of(["report", "run"], tmp_path) == [
+        f"raycv: error: {path} is {kind}, not a file raycv wrote; remove it, or put back the run's file"]
+
+
 def test_a_trial_whose_storage_holds_a_status_and_restarts_is_collected_with_them(finished_run, tmp_path):
     """What rank 0 and the trial driver write is taken: the checks refuse damage, not the files raycv writes."""
     run_dir, results = interrupted_copy(finished_run, tmp_path)
