@@ -1504,3 +1504,36 @@ def test_a_trial_whose_storage_holds_a_status_and_restarts_is_collected_with_the
     (trial,) = json.loads((run_dir / "report.json").read_text())["trials"]
     assert (trial["status"], trial["reason"], trial["restarts"], trial["points_redone"]) == (
         "diverged", "fold 1: loss is NaN", 2, 2)
+
+
+@pytest.mark.parametrize("seeds", [["1"], ["1", "2"], ["0", "2"], ["0", "1", "1x"], ["01"]])
+@pytest.mark.parametrize("which", [["best", "last"], ["last"]])
+def test_seed_columns_not_numbered_from_0_are_one_line_naming_the_oof_file(finished_run, tmp_path, seeds, which):
+    """scoring.seed_columns counts the pred_last_seed* columns and reads seed0 .. seed{n-1}: an OOF table with
+    seed1 and seed2 (or seed0 and seed2, or seed0 only for the last point) ended in a KeyError."""
+    run_dir = damaged_copy(finished_run, tmp_path)
+    path = f"oof/{kept_trial(finished_run)}.csv"
+    oof = pd.read_csv(run_dir / path)
+    for seed in seeds:
+        for point in which:
+            oof[f"pred_{point}_seed{seed}"] = oof[f"pred_{point}"]
+    if which == ["last"] and seeds == ["0", "1", "1x"]:
+        oof["pred_best_seed0"] = oof["pred_best"]  # seed 0 of both, seeds 1 and 1x of the last point only
+    oof.to_csv(run_dir / path, index=False)
+    (line,) = lines_of(["report", "run"], tmp_path)
+    assert line.startswith(f"raycv: error: run/{path}: not what raycv wrote (its seed columns pred_"), line
+    assert line.endswith("are not pred_best_seedK and pred_last_seedK for each K from 0 to the trial's seeds - 1); "
+                         "it may be cut short or edited"), line
+
+
+def test_seed_columns_numbered_from_0_are_scored_per_seed(finished_run, tmp_path):
+    run_dir = damaged_copy(finished_run, tmp_path)
+    path = run_dir / "oof" / f"{kept_trial(finished_run)}.csv"
+    oof = pd.read_csv(path)
+    for seed, shift in enumerate((0.0, 0.5)):
+        for point in ("best", "last"):
+            oof[f"pred_{point}_seed{seed}"] = oof[f"pred_{point}"] + shift
+    oof.to_csv(path, index=False)
+    assert run_cli(["report", "run"], tmp_path, outputs=("run",))[0] == 0
+    (trial,) = json.loads((run_dir / "report.json").read_text())["trials"]
+    assert len(trial["seed_rmse_last"]) == 2 and trial["seed_rmse_last"][0] < trial["seed_rmse_last"][1]
