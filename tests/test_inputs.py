@@ -715,17 +715,34 @@ odd_values = st.one_of(odd_numbers, scalars, st.dictionaries(st.text(max_size=3)
                        st.lists(scalars, max_size=2), st.sampled_from(["$x", "$\\frac$", "x" * 500]))
 
 
+# What a trial's files in the storage may hold instead of what rank 0 and the trial driver wrote (and what they do
+# write, which is taken): status.json, restarts.json
+TRIAL_JSON = [b"{", b"\xff", b"[1]", b'"finished"', b"null", b"", b'{"status": "done", "reason": null}',
+              b'{"status": "error"}', b'{"status": "diverged", "reason": "loss is NaN"}', b'[{"points_redone": 1}]',
+              b'[{"checkpoint_point": 1, "points_redone": -1}]', b'[{"checkpoint_point": 1, "points_redone": 2.5}]',
+              b'[{"checkpoint_point": 1, "points_redone": 1e400}]', b'[{"checkpoint_point": 0, "points_redone": 1}]']
+STORED = ["oof.csv", "curve.csv", "status.json", "restarts.json"]
+
+
 @st.composite
 def report_damage(draw) -> list[tuple[str, object]]:
     """What an edit does to the values a report reads (its files stay well formed): numbers that are not finite
     or too large in OOF predictions, curve times and baselines; params of odd types; a driver pid no process
-    can have; run.json nested too deep for JSON; a directory or a pipe where a report file goes."""
-    kinds = ["oof", "curve", "baselines", "params", "pid", "deep", "output"]
-    return [(kind, draw(odd_values if kind == "params" else odd_numbers if kind != "output" else
-                        st.tuples(st.sampled_from(["report.md", "report.json", "trials.csv", "cv_rmse_curves.png",
-                                                   "pred_vs_target.png", "rmse_by_param.png"]),
-                                  st.sampled_from(["dir", "fifo"]))))
-            for kind in draw(st.lists(st.sampled_from(kinds), min_size=1, max_size=2))]
+    can have; run.json nested too deep for JSON; a directory or a pipe where a report file goes. And in the
+    files of a trial an unfinished run's report collects from the storage: status.json or restarts.json
+    damaged, or any of them a directory or a pipe; a trial's OOF predictions or curve in the run directory a
+    directory or a pipe; OOF seed columns not numbered 0 to K-1."""
+    places = st.tuples(st.sampled_from(["report.md", "report.json", "trials.csv", "cv_rmse_curves.png",
+                                        "pred_vs_target.png", "rmse_by_param.png"]), st.sampled_from(["dir", "fifo"]))
+    values = {"params": odd_values, "output": places, "status": st.sampled_from(TRIAL_JSON),
+              "restarts": st.sampled_from(TRIAL_JSON), "stored": st.tuples(st.sampled_from(STORED),
+                                                                           st.sampled_from(["dir", "fifo"])),
+              "run_file": st.tuples(st.sampled_from(["oof", "curves"]), st.sampled_from(["dir", "fifo"])),
+              "seeds": st.tuples(st.lists(st.sampled_from(["0", "1", "2", "01", "x"]), min_size=1, max_size=3),
+                                 st.sampled_from([("best", "last"), ("last",)]))}
+    kinds = ["oof", "curve", "baselines", "params", "pid", "deep", "output", *values.keys() - {"params", "output"}]
+    return [(kind, draw(values.get(kind, odd_numbers)))
+            for kind in draw(st.lists(st.sampled_from(sorted(kinds)), min_size=1, max_size=2))]
 
 
 def with_storage(run_dir: Path, state: dict, trial_id: str) -> Path:
@@ -767,6 +784,8 @@ def damage(run_dir: Path, changes, trial_id: str) -> None:
         number = float(value) if isinstance(value, float) else value
         if kind in ("oof", "curve"):
             path = run_dir / kind.replace("curve", "curves") / f"{trial_id}.csv"
+            if not path.is_file():  # made a directory or a pipe by the other change
+                continue
             table = pd.read_csv(path, dtype={"id": str})
             columns = ["pred_last", "target"] if kind == "oof" else ["fold_busy_s", "fold_callbacks_s", "reported_at"]
             for column in columns[:2]:
@@ -784,6 +803,20 @@ def damage(run_dir: Path, changes, trial_id: str) -> None:
             name, what = value
             if not (run_dir / name).exists():
                 (run_dir / name).mkdir() if what == "dir" else os.mkfifo(run_dir / name)
+        elif kind in ("status", "restarts"):
+            (with_storage(run_dir, state, trial_id) / f"{kind}.json").write_bytes(value)
+        elif kind == "stored":
+            replace(with_storage(run_dir, state, trial_id) / value[0], value[1])
+        elif kind == "run_file":
+            replace(run_dir / value[0] / f"{trial_id}.csv", value[1])
+        elif kind == "seeds" and (run_dir / "oof" / f"{trial_id}.csv").is_file():
+            path = run_dir / "oof" / f"{trial_id}.csv"
+            table = pd.read_csv(path, dtype={"id": str})
+            seeds, points = value
+            for seed in seeds:
+                for point in points:
+                    table[f"pred_{point}_seed{seed}"] = table[f"pred_{point}"]
+            table.to_csv(path, index=False)
     (run_dir / "run.json").write_text(json.dumps(state))
     if any(kind == "deep" for kind, _ in changes):
         (run_dir / "run.json").write_text("[" * 100000 + "]" * 100000)
@@ -798,8 +831,10 @@ def test_any_broken_run_directory_for_report(finished_run, changes):
         run_cli(["report", "run"], cwd, outputs=("run",))
 
 
-@settings(max_examples=25, **SETTINGS)
+@settings(max_examples=50, **SETTINGS)
 @given(changes=report_damage())
+@example(changes=[("run_file", ("curves", "fifo")), ("seeds", (["1", "2"], ("best", "last")))])
+@example(changes=[("stored", ("oof.csv", "fifo")), ("restarts", b'[{"checkpoint_point": 0, "points_redone": 1}]')])
 def test_any_damaged_values_in_a_run_for_report(finished_run, changes):
     """Exit 0 or 2, one line per problem, nothing written on 2; on 0, report.json is standard JSON and no
     warning (numpy's overflow, matplotlib's) reached the console."""
