@@ -10,6 +10,7 @@ needs neither Ray nor GPUs.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -148,13 +149,22 @@ def load_run_state(run_dir: Path) -> RunState | None:
 
 
 def run_file_exists(path: Path) -> bool:
-    """Whether `path` is a file; a path the system cannot look up at all (a name longer than it allows, a
-    folder on the way it may not enter) is one line naming it, not a traceback. A loop of links or a NUL
-    byte is no file (pathlib's own answer)."""
+    """Whether the run's file `path` is there (False where nothing is). Something else in its place (a
+    directory, a FIFO, a device, a socket) is one line naming it, as is a path the system cannot look up at
+    all (a name longer than it allows, a folder on the way it may not enter): reading a FIFO waits for a
+    writer for ever, and skipping it would report the run without the file. A loop of links or a NUL byte is
+    no file (pathlib's own answer)."""
     try:
-        return Path(path).is_file()
+        kind = storage.what_is_at(path)
+    except ValueError:  # a NUL in the name
+        return False
     except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EBADF):  # what pathlib's is_file answers False to
+            return False
         raise RaycvError(f"{path}: cannot look it up ({exc.strerror or first_line(exc)})") from None
+    if kind in (None, "a file"):
+        return kind is not None
+    raise RaycvError(f"{path} is {kind}, not a file raycv wrote; remove it, or put back the run's file")
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -168,24 +178,92 @@ def save_run_state(run_dir: Path, state: RunState) -> None:
     storage.write_text_atomic(Path(run_dir) / "run.json", json.dumps(asdict(state), indent=2))
 
 
+class WrittenStatus(TypedDict):
+    """results/<trial>/status.json: how the trial ended (worker.write_trial_status)."""
+
+    status: str  # one of ENDED
+    reason: str | None
+
+
+COUNT = Annotated[int, Field(strict=True, ge=0, le=PID_MAX)]  # beyond it, the report's cost would overflow a float
+
+
+class Restart(TypedDict):
+    """One entry of results/<trial>/restarts.json: a resume from fold checkpoints (worker.record_restart)."""
+
+    checkpoint_point: COUNT
+    points_redone: COUNT
+
+
+WRITTEN_STATUS, RESTARTS = TypeAdapter(WrittenStatus), TypeAdapter(list[Restart])
+
+
+@dataclass
+class TrialFiles:
+    """What the storage holds of one trial now, read and checked (read_trial_files); None: no such file."""
+
+    oof: str | None = None
+    curve: str | None = None
+    eval_points: int | None = None  # the curve's rows
+    restarts: list[Restart] = field(default_factory=list)
+    status: WrittenStatus | None = None
+
+
+def read_trial_files(storage_path: str, run_dir: Path, trial_id: str) -> TrialFiles:
+    """The trial's files in the storage, each checked before anything is written: one that is cut short or
+    edited is one line naming it, and where a copy goes in the run directory something other than a file
+    (a directory, a FIFO) is refused too."""
+    files, found = storage.trial_files(trial_id), TrialFiles()
+    for local in (storage.run_oof_path, storage.run_curve_path):
+        run_file_exists(local(run_dir, trial_id))
+    found.oof = _read_checked(storage_path, files["oof"], str)
+    curve = _read_checked(storage_path, files["curve"], lambda text: (text, len(pd.read_csv(io.StringIO(text)))))
+    if curve is not None:
+        found.curve, found.eval_points = curve
+    found.restarts = _read_checked(storage_path, files["restarts"], RESTARTS.validate_json) or []
+    found.status = _read_checked(storage_path, files["status"], _written_status)
+    return found
+
+
+def _written_status(text: str) -> WrittenStatus:
+    written = WRITTEN_STATUS.validate_json(text)
+    if written["status"] not in ENDED:
+        raise ValueError(f"status {shown(written['status'])} is none of {', '.join(ENDED)}")
+    return written
+
+
+def _read_checked(storage_path: str, relative: str, parse):
+    """parse(text) of a trial's file in the storage, None where there is none; a file that cannot be read,
+    decoded or parsed (JSON nested thousands deep: a RecursionError) is one line naming it."""
+    try:
+        text = storage.read_text(storage_path, relative)
+        return None if text is None else parse(text)
+    except ValidationError as exc:  # before ValueError, which it is
+        reason = _first_error(exc)
+    except (OSError, ValueError, RecursionError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
+    raise RaycvError(f"{storage.shown_path(storage_path, relative)}: not what raycv wrote ({reason}); it may be cut "
+                     "short or edited: remove it, and the trial is collected without it")
+
+
+def store_trial_files(run_dir: Path, record: TrialRecord, found: TrialFiles) -> None:
+    """Copy what `read_trial_files` found into the run directory and settle the record from it."""
+    for text, local in ((found.oof, storage.run_oof_path), (found.curve, storage.run_curve_path)):
+        if text is not None:
+            storage.write_text_atomic(local(run_dir, record.trial_id), text)
+    if found.eval_points is not None:
+        record.eval_points = found.eval_points
+    record.restarts = len(found.restarts)
+    record.points_redone = sum(restart["points_redone"] for restart in found.restarts)
+    if found.status:
+        record.status, record.reason = found.status["status"], found.status["reason"]
+
+
 def collect_trial(storage_path: str, run_dir: Path, record: TrialRecord) -> None:
     """Copy the trial's OOF predictions and curve as the storage holds them now into the run directory;
-    record how many evaluation points they cover and any status its trial driver or rank 0 wrote."""
-    files = storage.trial_files(record.trial_id)
-    for kind, local in (("oof", storage.run_oof_path), ("curve", storage.run_curve_path)):
-        text = storage.read_text(storage_path, files[kind])
-        if text is None:
-            continue
-        storage.write_text_atomic(local(run_dir, record.trial_id), text)
-        if kind == "curve":
-            record.eval_points = len(pd.read_csv(io.StringIO(text)))
-    restarts = json.loads(storage.read_text(storage_path, files["restarts"]) or "[]")
-    record.restarts = len(restarts)
-    record.points_redone = sum(restart["points_redone"] for restart in restarts)
-    status = storage.read_text(storage_path, files["status"])
-    if status:
-        written = json.loads(status)
-        record.status, record.reason = written["status"], written["reason"]
+    record how many evaluation points they cover and any status its trial driver or rank 0 wrote. A damaged
+    file is one line naming it, and then nothing is copied."""
+    store_trial_files(run_dir, record, read_trial_files(storage_path, run_dir, record.trial_id))
 
 
 def settle(record: TrialRecord, max_t: int) -> None:
@@ -224,9 +302,10 @@ def refresh_unfinished(run_dir: Path) -> RunState | None:
         mark_interrupted(state, storage_path if reachable else None, Path(run_dir))
         save_run_state(run_dir, state)
     elif reachable:
-        for record in state.trials:
-            if record.status not in ENDED:
-                collect_trial(storage_path, Path(run_dir), record)
+        unfinished = [record for record in state.trials if record.status not in ENDED]
+        found = [read_trial_files(storage_path, Path(run_dir), record.trial_id) for record in unfinished]
+        for record, files in zip(unfinished, found, strict=True):  # every trial checked before any is copied
+            store_trial_files(Path(run_dir), record, files)
     return state
 
 
@@ -244,9 +323,11 @@ def mark_interrupted(state: RunState, storage_path: str | None, run_dir: Path) -
     `storage_path` is None), mark those trials and the run interrupted; returns them. A trial that did end
     meanwhile (its status is in the storage) keeps that status."""
     cut_short = [record for record in state.trials if record.status not in ENDED]
-    for record in cut_short:
-        if storage_path:
-            collect_trial(storage_path, run_dir, record)
+    # every trial's files checked before any is copied: a damaged one leaves the run directory as it was
+    found = [read_trial_files(storage_path, run_dir, record.trial_id) for record in cut_short] if storage_path else []
+    for record, files in zip(cut_short, found or [None] * len(cut_short), strict=True):
+        if files is not None:
+            store_trial_files(run_dir, record, files)
         if record.status not in ENDED:
             record.status = "interrupted"
             record.started_s = None  # its next session starts on --resume; the time between counts for nothing

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -26,7 +27,16 @@ from typing_extensions import TypedDict
 from raycv import RaycvError, first_line, shown
 from raycv.collect import STATUSES, RunState, load_run_state, run_file_exists
 from raycv.config import Config
-from raycv.scoring import STACK_MIN_TRIALS, ensemble, rmse, score_ensemble, score_seeds, score_trial, stack
+from raycv.scoring import (
+    STACK_MIN_TRIALS,
+    ensemble,
+    rmse,
+    score_ensemble,
+    score_seeds,
+    score_trial,
+    seed_columns_problem,
+    stack,
+)
 from raycv.spaces import ConfigError
 from raycv.storage import RUN_FILES, not_a_file_to_replace, run_curve_path, run_oof_path
 
@@ -50,7 +60,7 @@ def load_run(run_dir: Path, state: RunState | None = None) -> dict:
     for trial in state.trials:
         oof_path, curve_path = run_oof_path(run_dir, trial.trial_id), run_curve_path(run_dir, trial.trial_id)
         if run_file_exists(oof_path):
-            oofs[trial.trial_id] = read_table(oof_path, OOF_COLUMNS)
+            oofs[trial.trial_id] = read_table(oof_path, OOF_COLUMNS, check=seed_columns_problem)
         if run_file_exists(curve_path):
             curves[trial.trial_id] = read_table(curve_path, CURVE_COLUMNS)
     config = read_run_file(run_dir / "resolved_config.yaml", lambda text: Config.model_validate(yaml.safe_load(text)))
@@ -94,8 +104,10 @@ def read_run_file(path: Path, parse):
     raise RaycvError(f"{path}: not what raycv wrote ({reason}); it may be cut short or edited")
 
 
-def read_table(path: Path, columns: tuple[str, ...], rows: int = 1) -> pd.DataFrame:
-    """A CSV of the run with `columns` (numbers, but `id`) and at least `rows` rows; else one line naming it."""
+def read_table(path: Path, columns: tuple[str, ...], rows: int = 1,
+               check: Callable[[pd.DataFrame], str | None] | None = None) -> pd.DataFrame:
+    """A CSV of the run with `columns` (numbers, but `id`) and at least `rows` rows, in which `check` finds no
+    problem; else one line naming it."""
     def parse(text: str) -> pd.DataFrame:
         frame = pd.read_csv(io.StringIO(text), dtype={"id": str})
         missing = [c for c in columns if c not in frame.columns]
@@ -116,6 +128,9 @@ def read_table(path: Path, columns: tuple[str, ...], rows: int = 1) -> pd.DataFr
                              f"number of magnitude {LARGEST:g} at most")
         if "id" in columns and (frame["id"].isna().any() or frame["id"].duplicated().any()):
             raise ValueError("an id is empty or repeated")
+        problem = check(frame) if check else None
+        if problem:
+            raise ValueError(problem)
         return frame
 
     return read_run_file(path, parse)

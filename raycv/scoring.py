@@ -77,6 +77,17 @@ def seed_columns(oof: pd.DataFrame, which: str) -> list[str]:
     return [f"pred_{which}_seed{k}" for k in range(count)] if count else [f"pred_{which}"]
 
 
+def seed_columns_problem(oof: pd.DataFrame) -> str | None:
+    """Why an OOF table's per-seed columns are not pred_best_seedK and pred_last_seedK for each K from 0 to
+    some K-1 (none at all with one seed), or None: `seed_columns` counts them and reads them by number."""
+    found = [column for column in oof.columns if any(column.startswith(f"pred_{which}_seed") for which in WHICH)]
+    count = len(found) // len(WHICH)
+    if sorted(found) == sorted(f"pred_{which}_seed{k}" for which in WHICH for k in range(count)):
+        return None
+    return (f"its seed columns {', '.join(found[:6])}{', ...' if len(found) > 6 else ''} are not pred_best_seedK "
+            "and pred_last_seedK for each K from 0 to the trial's seeds - 1")
+
+
 def score_seeds(oof: pd.DataFrame) -> dict:
     """Each seed's own pooled RMSE (at the last point, and at each fold's best) and their range, max - min
     (0 with one seed, whose own RMSE is the trial's)."""

@@ -290,6 +290,11 @@ def write_text(storage_path: str, relative: str, text: str) -> None:
     retrying(storage_path, write)
 
 
+def shown_path(storage_path: str, relative: str) -> str:
+    """A file in the storage as an error line names it: the storage as the config gives it, then the file."""
+    return _join(storage_path, relative)
+
+
 def read_text(storage_path: str, relative: str) -> str | None:
     """A file's text, or None where there is no such file."""
     data = read_bytes(storage_path, relative)
@@ -297,13 +302,19 @@ def read_text(storage_path: str, relative: str) -> str | None:
 
 
 def read_bytes(storage_path: str, relative: str) -> bytes | None:
-    """A file's bytes, or None where there is no such file."""
+    """A file's bytes, or None where there is no such file. Anything else there (a directory, or in a local
+    storage a FIFO, device or socket, which pyarrow calls Unknown) is one line naming it, before it is opened:
+    opening a FIFO waits for a writer for ever. An object store holds files and prefixes only."""
 
     def read() -> bytes | None:
         fs, base = filesystem(storage_path)
         target = _join(base, relative)
-        if fs.get_file_info(target).type == pyarrow.fs.FileType.NotFound:
+        kind = fs.get_file_info(target).type
+        if kind == pyarrow.fs.FileType.NotFound:
             return None
+        if kind != pyarrow.fs.FileType.File:
+            what = "a directory" if kind == pyarrow.fs.FileType.Directory else "a device, pipe or socket"
+            raise RaycvError(f"{shown_path(storage_path, relative)} is {what}, not a file raycv wrote; remove it")
         with fs.open_input_stream(target) as stream:
             return stream.read()
 

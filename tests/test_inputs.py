@@ -715,17 +715,65 @@ odd_values = st.one_of(odd_numbers, scalars, st.dictionaries(st.text(max_size=3)
                        st.lists(scalars, max_size=2), st.sampled_from(["$x", "$\\frac$", "x" * 500]))
 
 
+# What a trial's files in the storage may hold instead of what rank 0 and the trial driver wrote (and what they do
+# write, which is taken): status.json, restarts.json
+TRIAL_JSON = [b"{", b"\xff", b"[1]", b'"finished"', b"null", b"", b'{"status": "done", "reason": null}',
+              b'{"status": "error"}', b'{"status": "diverged", "reason": "loss is NaN"}', b'[{"points_redone": 1}]',
+              b'[{"checkpoint_point": 1, "points_redone": -1}]', b'[{"checkpoint_point": 1, "points_redone": 2.5}]',
+              b'[{"checkpoint_point": 1, "points_redone": 1e400}]', b'[{"checkpoint_point": 0, "points_redone": 1}]']
+STORED = ["oof.csv", "curve.csv", "status.json", "restarts.json"]
+
+
 @st.composite
 def report_damage(draw) -> list[tuple[str, object]]:
     """What an edit does to the values a report reads (its files stay well formed): numbers that are not finite
     or too large in OOF predictions, curve times and baselines; params of odd types; a driver pid no process
-    can have; run.json nested too deep for JSON; a directory or a pipe where a report file goes."""
-    kinds = ["oof", "curve", "baselines", "params", "pid", "deep", "output"]
-    return [(kind, draw(odd_values if kind == "params" else odd_numbers if kind != "output" else
-                        st.tuples(st.sampled_from(["report.md", "report.json", "trials.csv", "cv_rmse_curves.png",
-                                                   "pred_vs_target.png", "rmse_by_param.png"]),
-                                  st.sampled_from(["dir", "fifo"]))))
-            for kind in draw(st.lists(st.sampled_from(kinds), min_size=1, max_size=2))]
+    can have; run.json nested too deep for JSON; a directory or a pipe where a report file goes. And in the
+    files of a trial an unfinished run's report collects from the storage: status.json or restarts.json
+    damaged, or any of them a directory or a pipe; a trial's OOF predictions or curve in the run directory a
+    directory or a pipe; OOF seed columns not numbered 0 to K-1."""
+    places = st.tuples(st.sampled_from(["report.md", "report.json", "trials.csv", "cv_rmse_curves.png",
+                                        "pred_vs_target.png", "rmse_by_param.png"]), st.sampled_from(["dir", "fifo"]))
+    values = {"params": odd_values, "output": places, "status": st.sampled_from(TRIAL_JSON),
+              "restarts": st.sampled_from(TRIAL_JSON), "stored": st.tuples(st.sampled_from(STORED),
+                                                                           st.sampled_from(["dir", "fifo"])),
+              "run_file": st.tuples(st.sampled_from(["oof", "curves"]), st.sampled_from(["dir", "fifo"])),
+              "seeds": st.tuples(st.lists(st.sampled_from(["0", "1", "2", "01", "x"]), min_size=1, max_size=3),
+                                 st.sampled_from([("best", "last"), ("last",)]))}
+    kinds = ["oof", "curve", "baselines", "params", "pid", "deep", "output", *values.keys() - {"params", "output"}]
+    return [(kind, draw(values.get(kind, odd_numbers)))
+            for kind in draw(st.lists(st.sampled_from(sorted(kinds)), min_size=1, max_size=2))]
+
+
+def with_storage(run_dir: Path, state: dict, trial_id: str) -> Path:
+    """The run as an unfinished one leaves it: interrupted, its storage (run/ray, relative to the working
+    folder) holding the trial's OOF predictions and curve as rank 0 wrote them. Returns the trial's results."""
+    state["state"] = "interrupted"
+    for trial in state["trials"]:
+        trial["status"] = "interrupted"
+    config = yaml.safe_load((run_dir / "resolved_config.yaml").read_text())
+    config["run"]["storage_path"] = "run/ray"  # relative to the working folder, where the report runs
+    (run_dir / "resolved_config.yaml").write_text(yaml.safe_dump(config))
+    results = run_dir / "ray" / "results" / trial_id
+    if not results.is_dir():
+        results.mkdir(parents=True)
+        shutil.copy(run_dir / "oof" / f"{trial_id}.csv", results / "oof.csv")
+        shutil.copy(run_dir / "curves" / f"{trial_id}.csv", results / "curve.csv")
+    return results
+
+
+def replace(path: Path, content: bytes | str) -> None:
+    """`path` (a file, a directory or nothing) becomes `content`: bytes, or "fifo" or "dir"."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+    if content == "fifo":
+        os.mkfifo(path)
+    elif content == "dir":
+        path.mkdir()
+    else:
+        path.write_bytes(content)
 
 
 def damage(run_dir: Path, changes, trial_id: str) -> None:
@@ -736,6 +784,8 @@ def damage(run_dir: Path, changes, trial_id: str) -> None:
         number = float(value) if isinstance(value, float) else value
         if kind in ("oof", "curve"):
             path = run_dir / kind.replace("curve", "curves") / f"{trial_id}.csv"
+            if not path.is_file():  # made a directory or a pipe by the other change
+                continue
             table = pd.read_csv(path, dtype={"id": str})
             columns = ["pred_last", "target"] if kind == "oof" else ["fold_busy_s", "fold_callbacks_s", "reported_at"]
             for column in columns[:2]:
@@ -753,6 +803,20 @@ def damage(run_dir: Path, changes, trial_id: str) -> None:
             name, what = value
             if not (run_dir / name).exists():
                 (run_dir / name).mkdir() if what == "dir" else os.mkfifo(run_dir / name)
+        elif kind in ("status", "restarts"):
+            (with_storage(run_dir, state, trial_id) / f"{kind}.json").write_bytes(value)
+        elif kind == "stored":
+            replace(with_storage(run_dir, state, trial_id) / value[0], value[1])
+        elif kind == "run_file":
+            replace(run_dir / value[0] / f"{trial_id}.csv", value[1])
+        elif kind == "seeds" and (run_dir / "oof" / f"{trial_id}.csv").is_file():
+            path = run_dir / "oof" / f"{trial_id}.csv"
+            table = pd.read_csv(path, dtype={"id": str})
+            seeds, points = value
+            for seed in seeds:
+                for point in points:
+                    table[f"pred_{point}_seed{seed}"] = table[f"pred_{point}"]
+            table.to_csv(path, index=False)
     (run_dir / "run.json").write_text(json.dumps(state))
     if any(kind == "deep" for kind, _ in changes):
         (run_dir / "run.json").write_text("[" * 100000 + "]" * 100000)
@@ -767,8 +831,10 @@ def test_any_broken_run_directory_for_report(finished_run, changes):
         run_cli(["report", "run"], cwd, outputs=("run",))
 
 
-@settings(max_examples=25, **SETTINGS)
+@settings(max_examples=50, **SETTINGS)
 @given(changes=report_damage())
+@example(changes=[("run_file", ("curves", "fifo")), ("seeds", (["1", "2"], ("best", "last")))])
+@example(changes=[("stored", ("oof.csv", "fifo")), ("restarts", b'[{"checkpoint_point": 0, "points_redone": 1}]')])
 def test_any_damaged_values_in_a_run_for_report(finished_run, changes):
     """Exit 0 or 2, one line per problem, nothing written on 2; on 0, report.json is standard JSON and no
     warning (numpy's overflow, matplotlib's) reached the console."""
@@ -1381,3 +1447,128 @@ def test_a_report_file_that_cannot_be_replaced_leaves_the_whole_report_unwritten
     assert lines_of(["report", "run"], tmp_path) == [
         f"raycv: error: {problem}; name a file to write" for problem in problems]
     assert not list(run_dir.glob(".*.tmp"))
+
+
+# ---------------------------------------------------------------- a trial's files in the storage, and seed columns
+
+
+def interrupted_copy(finished_run: Path, cwd: Path) -> tuple[Path, Path]:
+    """A copy of the finished run in `cwd`/run as an interrupted run leaves it (`with_storage`), which
+    `raycv report` collects from its storage before it reports. Returns (run directory, trial's results)."""
+    results = []
+    run_dir = damaged_copy(finished_run, cwd, lambda state: results.append(
+        with_storage(cwd / "run", state, kept_trial(finished_run))))
+    return run_dir, results[0]
+
+
+NOT_WRITTEN = "; it may be cut short or edited: remove it, and the trial is collected without it"
+
+
+@FOREVER
+@pytest.mark.parametrize("name, content, reason", [
+    ("status.json", b"{", "(the top: Invalid JSON: EOF while parsing an object at line 1 column 1)"),
+    ("status.json", b"\xff\xfe", "('utf-8' codec can't decode byte 0xff in position 0: invalid start byte)"),
+    ("status.json", b"[1]", "(the top: Input should be an object)"),
+    ("status.json", b'"finished"', "(the top: Input should be an object)"),
+    ("status.json", b'{"status": "done", "reason": null}', "(status 'done' is none of finished, stopped, diverged, "
+                                                           "error)"),
+    ("status.json", b'{"status": "error", "reason": 3}', "(reason: Input should be a valid string)"),
+    ("status.json", b"", "(the top: Invalid JSON: EOF while parsing a value at line 1 column 0)"),
+    ("restarts.json", b'"x"', "(the top: Input should be a valid array)"),
+    ("restarts.json", b'{"points_redone": 1}', "(the top: Input should be a valid array)"),
+    ("restarts.json", b"[1]", "(0: Input should be an object)"),
+    ("restarts.json", b'[{"checkpoint_point": 1, "points_redone": -1}]',
+     "(0.points_redone: Input should be greater than or equal to 0)"),
+    ("restarts.json", b'[{"checkpoint_point": 1, "points_redone": "2"}]', "(0.points_redone: Input should be a valid "
+                                                                          "integer)"),
+    ("restarts.json", b'[{"checkpoint_point": 1}]', "(0.points_redone: Field required)"),
+    ("restarts.json", b"[" * 100000 + b"]" * 100000, "(the top: Invalid JSON: recursion limit exceeded at line 1 "),
+    ("curve.csv", b"\xff\xfe", "('utf-8' codec can't decode byte 0xff in position 0: invalid start byte)"),
+    ("curve.csv", b"", "(No columns to parse from file)"),
+], ids=lambda value: str(value)[:30])
+def test_a_damaged_file_of_a_trial_in_the_storage_is_one_line_naming_it(finished_run, tmp_path, name, content,
+                                                                        reason):
+    """`raycv report` on a run that has not finished collects each unfinished trial's files from the storage;
+    status.json and restarts.json were read unchecked (json.loads, then ["status"] or ["points_redone"]): a
+    list, a string or not JSON at all ended in a traceback, after the trial's OOF predictions were copied."""
+    run_dir, results = interrupted_copy(finished_run, tmp_path)
+    replace(results / name, content)
+    (line,) = lines_of(["report", "run"], tmp_path)  # and nothing in the run directory changed
+    expected = f"raycv: error: run/ray/results/{kept_trial(finished_run)}/{name}: not what raycv wrote {reason}"
+    assert line.startswith(expected) and line.endswith(NOT_WRITTEN), line
+
+
+@FOREVER
+@pytest.mark.parametrize("name", ["status.json", "restarts.json", "oof.csv", "curve.csv"])
+@pytest.mark.parametrize("content", ["fifo", "dir"])
+def test_a_trial_file_in_the_storage_that_is_no_file_is_refused_before_it_is_read(finished_run, tmp_path, name,
+                                                                                   content):
+    """A FIFO in place of a trial's oof.csv in the storage: `raycv report` waited for a writer for ever."""
+    run_dir, results = interrupted_copy(finished_run, tmp_path)
+    replace(results / name, content)
+    kind = "a directory" if content == "dir" else "a device, pipe or socket"
+    assert lines_of(["report", "run"], tmp_path) == [
+        f"raycv: error: run/ray/results/{kept_trial(finished_run)}/{name} is {kind}, not a file raycv wrote; "
+        "remove it"]
+
+
+@FOREVER
+@pytest.mark.parametrize("name, state", [
+    ("oof/{t}.csv", "finished"), ("curves/{t}.csv", "finished"), ("run.json", "finished"), ("folds.csv", "finished"),
+    # an unfinished run's report first copies the trial's files from the storage to these places
+    ("oof/{t}.csv", "interrupted"), ("curves/{t}.csv", "interrupted"), ("run.json", "interrupted")])
+@pytest.mark.parametrize("content", ["fifo", "dir"])
+def test_a_run_file_that_is_no_file_is_one_line_naming_it(finished_run, tmp_path, name, content, state):
+    """A FIFO or a directory in place of a trial's OOF predictions or curve was skipped: the report called the
+    trial one without predictions (and a run.json or folds.csv that is a directory 'missing')."""
+    interrupted_copy(finished_run, tmp_path) if state == "interrupted" else damaged_copy(finished_run, tmp_path)
+    path = f"run/{name.format(t=kept_trial(finished_run))}"
+    replace(tmp_path / path, content)
+    kind = "a directory" if content == "dir" else "a device, pipe or socket"
+    assert lines_of(["report", "run"], tmp_path) == [
+        f"raycv: error: {path} is {kind}, not a file raycv wrote; remove it, or put back the run's file"]
+
+
+def test_a_trial_whose_storage_holds_a_status_and_restarts_is_collected_with_them(finished_run, tmp_path):
+    """What rank 0 and the trial driver write is taken: the checks refuse damage, not the files raycv writes."""
+    run_dir, results = interrupted_copy(finished_run, tmp_path)
+    (results / "status.json").write_text(json.dumps({"status": "diverged", "reason": "fold 1: loss is NaN"}))
+    (results / "restarts.json").write_text(json.dumps([{"checkpoint_point": 1, "points_redone": 2},
+                                                       {"checkpoint_point": 3, "points_redone": 0}]))
+    assert run_cli(["report", "run"], tmp_path, outputs=("run",))[0] == 0
+    (trial,) = json.loads((run_dir / "report.json").read_text())["trials"]
+    assert (trial["status"], trial["reason"], trial["restarts"], trial["points_redone"]) == (
+        "diverged", "fold 1: loss is NaN", 2, 2)
+
+
+@pytest.mark.parametrize("seeds", [["1"], ["1", "2"], ["0", "2"], ["0", "1", "1x"], ["01"]])
+@pytest.mark.parametrize("which", [["best", "last"], ["last"]])
+def test_seed_columns_not_numbered_from_0_are_one_line_naming_the_oof_file(finished_run, tmp_path, seeds, which):
+    """scoring.seed_columns counts the pred_last_seed* columns and reads seed0 .. seed{n-1}: an OOF table with
+    seed1 and seed2 (or seed0 and seed2, or seed0 only for the last point) ended in a KeyError."""
+    run_dir = damaged_copy(finished_run, tmp_path)
+    path = f"oof/{kept_trial(finished_run)}.csv"
+    oof = pd.read_csv(run_dir / path)
+    for seed in seeds:
+        for point in which:
+            oof[f"pred_{point}_seed{seed}"] = oof[f"pred_{point}"]
+    if which == ["last"] and seeds == ["0", "1", "1x"]:
+        oof["pred_best_seed0"] = oof["pred_best"]  # seed 0 of both, seeds 1 and 1x of the last point only
+    oof.to_csv(run_dir / path, index=False)
+    (line,) = lines_of(["report", "run"], tmp_path)
+    assert line.startswith(f"raycv: error: run/{path}: not what raycv wrote (its seed columns pred_"), line
+    assert line.endswith("are not pred_best_seedK and pred_last_seedK for each K from 0 to the trial's seeds - 1); "
+                         "it may be cut short or edited"), line
+
+
+def test_seed_columns_numbered_from_0_are_scored_per_seed(finished_run, tmp_path):
+    run_dir = damaged_copy(finished_run, tmp_path)
+    path = run_dir / "oof" / f"{kept_trial(finished_run)}.csv"
+    oof = pd.read_csv(path)
+    for seed, shift in enumerate((0.0, 0.5)):
+        for point in ("best", "last"):
+            oof[f"pred_{point}_seed{seed}"] = oof[f"pred_{point}"] + shift
+    oof.to_csv(path, index=False)
+    assert run_cli(["report", "run"], tmp_path, outputs=("run",))[0] == 0
+    (trial,) = json.loads((run_dir / "report.json").read_text())["trials"]
+    assert len(trial["seed_rmse_last"]) == 2 and trial["seed_rmse_last"][0] < trial["seed_rmse_last"][1]
