@@ -145,11 +145,50 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(structbert_files, tmp_path, 
     assert not out.exists()
 
 
-def test_a_checkpoint_of_something_else_is_refused(structbert_files, tmp_path, capsys):
+STATE_DICT = ("expected a state dict of tensors (AliceMind's en_model layout: parameter name -> tensor, e.g. "
+              "bert.encoder.layer.0.attention.output.LayerNorm.gamma)")
+UNPICKLED = "holds Python objects other than tensors, which raycv will not unpickle (unpickling can run any code)"
+
+
+class Optimiser:
+    """Something a training script pickles beside its weights (torch.load(weights_only=True) refuses it)."""
+
+
+def truncated(state) -> callable:
+    def write(path):
+        torch.save(state, path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return write
+
+
+@pytest.mark.parametrize("write, expected", [
+    (lambda path: torch.save({"step": 3, "weights": [1, 2]}, path), f"its entry 'step' holds 3 (int), not a tensor; "
+     f"{STATE_DICT}"),
+    (lambda path: torch.save({"w": torch.zeros(2), "optimiser": Optimiser()}, path), f"{UNPICKLED}; {STATE_DICT}"),
+    (lambda path: torch.save({"w": torch.zeros(2), "moments": np.zeros(2)}, path), f"{UNPICKLED}; {STATE_DICT}"),
+    (lambda path: torch.save([torch.zeros(2)], path), f"holds a list; {STATE_DICT}"),
+    (lambda path: torch.save(Optimiser(), path), f"{UNPICKLED}; {STATE_DICT}"),
+    (lambda path: torch.save(Optimiser(), path, _use_new_zipfile_serialization=False), f"{UNPICKLED}; {STATE_DICT}"),
+    (lambda path: path.write_bytes(pickle.dumps(os.system, protocol=4)), f"{UNPICKLED}; {STATE_DICT}"),
+    (lambda path: torch.save({}, path), f"holds an empty dict; {STATE_DICT}"),
+    (lambda path: torch.save({0: torch.zeros(2)}, path), f"its keys are not all parameter names; {STATE_DICT}"),
+    (truncated({"w": torch.zeros(64)}), "not a torch checkpoint (PytorchStreamReader failed reading zip archive: "
+     "failed finding central directory. "),
+], ids=["int", "object", "numpy", "list", "instance", "legacy-instance", "plain-pickle", "empty", "int-key",
+        "truncated"])
+def test_a_checkpoint_of_something_else_is_one_line_that_says_what_raycv_expects(structbert_files, tmp_path, capsys,
+                                                                                 write, expected):
+    """A valid torch pickle that is no state dict, or that only unsafe unpickling loads, quoted torch's advice to
+    load it with weights_only=False (running whatever code the file holds): raycv says what it expects instead."""
     files = structbert_files("bert")
-    torch.save({"step": 3, "weights": [1, 2]}, files.checkpoint)
-    code, _, stderr = convert(files, tmp_path / "converted", capsys)
-    assert code == 2 and stderr == f"raycv: error: {files.checkpoint}: expected a state dict of tensors\n"
+    write(files.checkpoint)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (line,) = refused(["convert-structbert", files.checkpoint, files.config, files.vocab, tmp_path / "out"],
+                          tmp_path, capsys)
+    assert line.startswith(f"raycv: error: {files.checkpoint}: {expected}"), line
+    assert line.endswith(STATE_DICT) and "weights_only" not in line, line
+    assert [str(w.message) for w in caught] == []
 
 
 def test_conversion_refuses_a_non_empty_output_directory(structbert_files, tmp_path, capsys):
@@ -221,19 +260,6 @@ def test_a_name_too_long_is_one_line_naming_it(structbert_files, tmp_path, capsy
     assert refused(["convert-structbert", files.checkpoint, files.config, files.vocab, long_name],
                    tmp_path, capsys) == [f"raycv: error: out_dir: {long_name}: cannot use it (File name too long); "
                                          "choose a new directory"]
-
-
-def test_a_pickle_of_something_else_is_one_line_without_torch_warnings(structbert_files, tmp_path, capsys):
-    """torch's "Detected pickle protocol 4" UserWarning printed two lines before the refusal."""
-    files = structbert_files("bert")
-    with files.checkpoint.open("wb") as handle:
-        pickle.dump(os.system, handle, protocol=4)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        (line,) = refused(["convert-structbert", files.checkpoint, files.config, files.vocab, tmp_path / "out"],
-                          tmp_path, capsys)
-    assert line.startswith(f"raycv: error: {files.checkpoint}: not a torch checkpoint (")
-    assert [str(w.message) for w in caught] == []
 
 
 # ---------------------------------------------------------------- StructBERT as a config's backbone
