@@ -69,8 +69,7 @@ def file_problem(path: str | Path) -> str | None:
     try:
         kind = storage.what_is_at(path)
     except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
-        return f"{path}: cannot read it ({reason}); name a file"
+        return f"{path}: cannot read it ({storage.path_refusal(exc)}); name a file"
     if kind == "a file":
         return None
     return f"{path}: file not found" if kind is None else f"{path} is {kind}, not a file"
@@ -232,8 +231,7 @@ def out_dir_problem(out_dir: Path) -> str | None:
         if kind and any(out_dir.iterdir()):
             return f"{out_dir} exists and is not empty; choose a new directory"
     except (OSError, ValueError) as exc:  # a name the system refuses; a directory it may not list
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
-        return f"{out_dir}: cannot use it ({reason}); choose a new directory"
+        return f"{out_dir}: cannot use it ({storage.path_refusal(exc)}); choose a new directory"
     return None
 
 
