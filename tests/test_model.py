@@ -294,6 +294,40 @@ def test_a_structbert_backbone_in_a_config_trains(structbert_space):
     assert np.std(result.pred_last) > 0
 
 
+def test_validate_reads_a_backbone_once_whatever_is_searched(structbert_space, monkeypatch):
+    """Preflight mapped the StructBERT checkpoint, built its model on the meta device and read its config again
+    for every searched value (a tenth of a second each for BERT-large): each backbone is read once now, and a
+    searched value is still checked against it (a layer to re-initialise past its 2)."""
+    import raycv.preflight
+    from raycv.preflight import preflight
+    from raycv.spaces import ConfigError
+
+    files, space = structbert_space
+    reads = {"checkpoint": 0, "config": 0}
+
+    def counted(what, read):
+        def wrapper(*args, **kwargs):
+            reads[what] += 1
+            return read(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(raycv.preflight, "read_structbert_state_dict",
+                        counted("checkpoint", raycv.preflight.read_structbert_state_dict))
+    monkeypatch.setattr(raycv.preflight, "backbone_config", counted("config", raycv.preflight.backbone_config))
+    lrs = [f"{k}.0e-5" for k in range(1, 9)]
+    config = load_config(space(), [f"search.params={{train.lr: {{grid: [{', '.join(lrs)}]}}, "
+                                   "train.seed: {randint: [0, 100000]}}"])
+    preflight(config, "space.yaml")
+    assert reads == {"checkpoint": 1, "config": 1}
+
+    config = load_config(space(), ["search.params={model.reinit_layers: {grid: [0, 1, 2, 3]}}"])
+    with pytest.raises(ConfigError) as refused:
+        preflight(config, "space.yaml")
+    assert refused.value.problems == ["search.params.model.reinit_layers.grid value 3: model.reinit_layers: 3 is more "
+                                      "than the backbone's 2 layers; lower it"]
+    assert reads == {"checkpoint": 2, "config": 2}
+
+
 def test_reinit_layers_changes_only_the_top_layers(structbert_space):
     files, space = structbert_space
     original = files.model.state_dict()
