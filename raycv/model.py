@@ -15,6 +15,7 @@ import pickle
 import shutil
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -152,7 +153,9 @@ def read_structbert_state_dict(
     try:
         with warnings.catch_warnings():  # "Detected pickle protocol 4" leaked two lines before the refusal
             warnings.simplefilter("ignore")
-            state = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=mmap)
+            # torch maps only its zip format; a checkpoint saved in the legacy format (torch < 1.6) is read whole
+            state = torch.load(checkpoint_path, map_location="cpu", weights_only=True,
+                               mmap=mmap and zipfile.is_zipfile(checkpoint_path))
     except pickle.UnpicklingError:
         # torch's refusal of other objects advises loading with weights_only=False, which runs whatever code the
         # file holds: raycv's own line instead

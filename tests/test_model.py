@@ -328,6 +328,22 @@ def test_validate_reads_a_backbone_once_whatever_is_searched(structbert_space, m
     assert reads == {"checkpoint": 2, "config": 2}
 
 
+def test_a_checkpoint_in_torchs_legacy_format_is_checked_before_a_search(structbert_files):
+    """convert-structbert read an en_model saved in torch's format before 1.6, but validate refused it: its check
+    maps the file (mmap), which torch does only for the zip format ("not a torch checkpoint (mmap can only be
+    used ...)")."""
+    from raycv.config import StructBertBackbone
+    from raycv.preflight import structbert_checkpoint_problems
+
+    files = structbert_files("bert")
+    torch.save(files.state, files.checkpoint, _use_new_zipfile_serialization=False)
+    backbone = StructBertBackbone(type="structbert", checkpoint=str(files.checkpoint), config=str(files.config),
+                                  vocab=str(files.vocab))
+    assert structbert_checkpoint_problems(backbone) == []
+    state, _ = read_structbert_state_dict(files.checkpoint, mmap=True)
+    assert torch.equal(state["embeddings.word_embeddings.weight"], files.model.embeddings.word_embeddings.weight)
+
+
 def test_reinit_layers_changes_only_the_top_layers(structbert_space):
     files, space = structbert_space
     original = files.model.state_dict()
