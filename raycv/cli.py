@@ -164,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # Where a path argument is first looked at (is it a file? does it exist?), the OS refuses a name
         # longer than it takes; nothing has been written yet.
-        print(f"raycv: error: {one_line(shown(exc.filename))}: {exc.strerror} (the system takes at most "
+        from raycv.storage import path_refusal  # here: pyarrow (under storage) is no cost of `raycv --help`
+
+        print(f"raycv: error: {one_line(shown(exc.filename))}: {path_refusal(exc)} (the system takes at most "
               f"{os.pathconf('/', 'PC_NAME_MAX')} bytes per name); name a shorter path", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

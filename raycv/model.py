@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import shutil
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -35,6 +37,9 @@ BERT_CONFIG_KEYS = (
 BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")  # what a BERT tokenizer needs in its vocab.txt
 BERT_SIZE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                   "max_position_embeddings", "type_vocab_size")
+# What convert-structbert and a structbert backbone read: AliceMind's en_model, as torch.save wrote it.
+STATE_DICT = ("a state dict of tensors (AliceMind's en_model layout: parameter name -> tensor, e.g. "
+              "bert.encoder.layer.0.attention.output.LayerNorm.gamma)")
 BERT_FLOAT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range", "layer_norm_eps")
 
 
@@ -65,8 +70,7 @@ def file_problem(path: str | Path) -> str | None:
     try:
         kind = storage.what_is_at(path)
     except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
-        return f"{path}: cannot read it ({reason}); name a file"
+        return f"{path}: cannot read it ({storage.path_refusal(exc)}); name a file"
     if kind == "a file":
         return None
     return f"{path}: file not found" if kind is None else f"{path} is {kind}, not a file"
@@ -149,13 +153,27 @@ def read_structbert_state_dict(
     try:
         with warnings.catch_warnings():  # "Detected pickle protocol 4" leaked two lines before the refusal
             warnings.simplefilter("ignore")
-            state = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=mmap)
+            # torch maps only its zip format; a checkpoint saved in the legacy format (torch < 1.6) is read whole
+            state = torch.load(checkpoint_path, map_location="cpu", weights_only=True,
+                               mmap=mmap and zipfile.is_zipfile(checkpoint_path))
+    except pickle.UnpicklingError:
+        # torch's refusal of other objects advises loading with weights_only=False, which runs whatever code the
+        # file holds: raycv's own line instead
+        raise RaycvError(f"{checkpoint_path}: holds Python objects other than tensors, which raycv will not unpickle "
+                         f"(unpickling can run any code); expected {STATE_DICT}") from None
     except Exception as exc:  # torch raises many types for a file that is not a checkpoint
-        raise RaycvError(f"{checkpoint_path}: not a torch checkpoint ({first_line(exc)})") from None
+        raise RaycvError(f"{checkpoint_path}: not a torch checkpoint ({first_line(exc)}); expected {STATE_DICT}"
+                         ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict", state.get("model")), dict):
         state = state.get("state_dict", state.get("model"))
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise RaycvError(f"{checkpoint_path}: expected a state dict of tensors")
+    if not isinstance(state, dict) or not state:
+        what = "an empty dict" if isinstance(state, dict) else f"a {type(state).__name__}"
+        raise RaycvError(f"{checkpoint_path}: holds {what}; expected {STATE_DICT}")
+    key, value = next(((k, v) for k, v in state.items() if not isinstance(v, torch.Tensor)), (None, None))
+    if key is not None or not all(isinstance(k, str) for k in state):
+        entry = (f"its entry {shown(key)} holds {shown(value)} ({type(value).__name__}), not a tensor"
+                 if key is not None else "its keys are not all parameter names")
+        raise RaycvError(f"{checkpoint_path}: {entry}; expected {STATE_DICT}")
 
     renamed, ignored = {}, []
     for key, tensor in state.items():
@@ -216,8 +234,7 @@ def out_dir_problem(out_dir: Path) -> str | None:
         if kind and any(out_dir.iterdir()):
             return f"{out_dir} exists and is not empty; choose a new directory"
     except (OSError, ValueError) as exc:  # a name the system refuses; a directory it may not list
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
-        return f"{out_dir}: cannot use it ({reason}); choose a new directory"
+        return f"{out_dir}: cannot use it ({storage.path_refusal(exc)}); choose a new directory"
     return None
 
 

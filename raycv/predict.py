@@ -11,6 +11,8 @@ prediction needs into the run directory, in a form that loads without pickles:
     models/<trial>/backbone.json        the backbone's transformers config (the architecture)
     models/<trial>/config.yaml          the trial's resolved config (pooling, max_length, column names)
     models/<trial>/tokenizer/           the fast tokenizer it was trained with
+    models/<trial>/files.json           every file above with its size in bytes: predict uses the models
+                                        exactly as kept, or says which file is missing or changed
 
 `predict_texts` needs neither Ray nor a GPU (it uses one when present): every fold model of the chosen
 trials scores every row in length-sorted batches; a trial's prediction is the average of all its models
@@ -25,7 +27,7 @@ import contextlib
 import io
 import json
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
@@ -40,6 +42,11 @@ from raycv.model import autocast_dtype, backbone_config, file_problem, load_toke
 from raycv.train_fold import default_device, predict
 
 MODELS_DIR = "models"
+KEPT_FILES = "files.json"  # in models/<trial>/: every file export_fold_models wrote -> its size in bytes
+# What a fast tokenizer is loaded from: without tokenizer.json transformers silently built another tokenizer from
+# what was left. Required of models kept before files.json listed every file.
+TOKENIZER_FILES = ("tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json")
+KEPT_FIX = "the run's kept models were cut short or edited: run the search again to keep new ones"
 
 
 def models_dir(run_dir: Path, trial_id: str) -> Path:
@@ -75,6 +82,9 @@ def export_fold_models(storage_path: str, run_dir: Path, trial_id: str, config: 
     (staging / "backbone.json").write_text(backbone_config(config.model).to_json_string())
     (staging / "config.yaml").write_text(dump_yaml(config))
     load_tokenizer(config.model).save_pretrained(staging / "tokenizer")
+    sizes = {path.relative_to(staging).as_posix(): path.stat().st_size
+             for path in sorted(staging.rglob("*")) if path.is_file()}
+    (staging / KEPT_FILES).write_text(json.dumps(sizes, indent=1))
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     return target
@@ -97,22 +107,46 @@ def reading(path: Path):
         raise
     except Exception as exc:  # yaml, json, pydantic, transformers, safetensors; tokenizers raises bare Exception
         reason = first_line(exc)
-        raise RaycvError(f"{path}: cannot load it ({reason[:200]}); the run's kept models were cut short or "
-                         "edited: run the search again to keep new ones") from None
+        raise RaycvError(f"{path}: cannot load it ({reason[:200]}); {KEPT_FIX}") from None
 
 
 def check_kept_files(directory: Path) -> None:
-    """Every file predict opens from a trial's kept models (its config, backbone.json, fold models and tokenizer
-    files) is a regular file, checked before any is read: a FIFO among them waited for a writer for ever, and
-    a directory as tokenizer.json was passed over for another tokenizer."""
+    """Every file a trial's kept models were written with (files.json lists them with their sizes) is there as it
+    was written, and every file predict opens from them (its config, backbone.json, fold models and tokenizer
+    files) is a regular file, checked before any is read: a FIFO among them waited for a writer for ever, a
+    directory as tokenizer.json was passed over for another tokenizer, and a missing tokenizer.json was rebuilt
+    from what was left of the tokenizer."""
     tokenizer_dir = directory / "tokenizer"
-    paths = [directory / "config.yaml", directory / "backbone.json", *sorted(directory.glob("fold_*.safetensors"))]
+    sizes = kept_sizes(directory)  # None: kept before files.json listed them
+    names = ["config.yaml", "backbone.json", *TOKENIZER_FILES, *(sizes or {})]
+    paths = [directory / name for name in dict.fromkeys(names)] + sorted(directory.glob("fold_*.safetensors"))
     if tokenizer_dir.is_dir():  # save_pretrained writes files only; a tokenizer/ that is no directory fails to load
         paths += sorted(tokenizer_dir.iterdir())
-    problem = next(filter(None, map(file_problem, paths)), None)
+    problem = next(filter(None, map(file_problem, dict.fromkeys(paths))), None)
     if problem:
-        raise RaycvError(f"{problem}; the run's kept models were cut short or edited: run the search again to keep "
-                         "new ones")
+        raise RaycvError(f"{problem}; {KEPT_FIX}")
+    for name, size in (sizes or {}).items():
+        if (found := (directory / name).stat().st_size) != size:
+            raise RaycvError(f"{directory / name}: {found} bytes, not the {size} it was kept with; {KEPT_FIX}")
+
+
+def kept_sizes(directory: Path) -> dict[str, int] | None:
+    """files.json of a trial's kept models: every file they were written with (a path inside `directory`) -> its
+    size in bytes; None where there is none to read (models kept before raycv wrote it)."""
+    path = directory / KEPT_FILES
+    if not path.is_symlink() and not path.exists():
+        return None
+    if problem := file_problem(path):
+        raise RaycvError(f"{problem}; {KEPT_FIX}")
+    with reading(path):
+        sizes = json.loads(path.read_bytes())
+    if not (isinstance(sizes, dict) and sizes and all(
+            isinstance(name, str) and name and not PurePosixPath(name).is_absolute() and ".." not in
+            PurePosixPath(name).parts and "\0" not in name and type(size) is int and size >= 0
+            for name, size in sizes.items())):
+        raise RaycvError(f"{path}: not the list of kept files (file name -> size in bytes) it was written as; "
+                         f"{KEPT_FIX}")
+    return sizes
 
 
 PREDICT_TRIALS = ("best", "top-k", "stacked")  # what `raycv predict --trials` chooses from

@@ -21,7 +21,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from raycv import RaycvError, shown, storage
-from raycv.config import Config, StructBertBackbone
+from raycv.config import Config, ModelConfig, StructBertBackbone
 from raycv.data import DataError, EncodedFolds, encode_folds
 from raycv.model import (
     backbone_config,
@@ -58,24 +58,37 @@ def preflight(config: Config, source: str) -> Plan:
     """Check `config` for everything the workers would trip on; raise ConfigError with every problem."""
     problems = check_output_paths(config) + check_extras(config)
     drawn = drawable_configs(config)
-    tokenizers = {}  # one per distinct backbone the search can draw
+    # What each distinct backbone the search can draw is, read from its files once (or why it cannot be): its
+    # tokenizer, and its shape and checkpoint's problems. Reading them again for each searched value (a
+    # StructBERT-large checkpoint mapped and its model built: a quarter of a second) was most of validate's time.
+    read: dict[tuple[str, str], object] = {}  # (backbone, what) -> what was read, or the RaycvError saying why not
 
     def backbone_key(trial: Config) -> str:
         return json.dumps(trial.model.backbone.model_dump(), sort_keys=True)
 
+    def once(trial: Config, what: str, load):
+        key = (backbone_key(trial), what)
+        if key not in read:
+            try:
+                read[key] = load(trial.model)
+            except RaycvError as exc:
+                read[key] = exc
+        if isinstance(read[key], RaycvError):
+            raise read[key]
+        return read[key]
+
     def model_problems(trial: Config) -> list[str]:
         try:
-            if backbone_key(trial) not in tokenizers:
-                tokenizers[backbone_key(trial)] = load_tokenizer(trial.model)
-            return check_model(trial, tokenizers[backbone_key(trial)])
+            return check_model(trial, once(trial, "tokenizer", load_tokenizer), once(trial, "shape", read_backbone))
         except RaycvError as exc:
             return [str(exc)]
 
     problems += per_drawn_config(drawn, model_problems)
-    if backbone_key(config) not in tokenizers:  # the file's own tokenizer failed: said above, once
+    tokenizer = read[backbone_key(config), "tokenizer"]
+    if isinstance(tokenizer, RaycvError):  # the file's own tokenizer failed: said above, once
         raise ConfigError(source, list(dict.fromkeys(problems)))
     try:
-        encoded = encode_folds(config, tokenizers[backbone_key(config)])
+        encoded = encode_folds(config, tokenizer)
     except DataError as exc:  # the data's problems, each naming its file
         raise ConfigError(source, problems + exc.lines()) from None
     except RaycvError as exc:
@@ -114,10 +127,25 @@ def per_drawn_config(drawn: list[tuple[str, Config]], check) -> list[str]:
     return problems
 
 
-def check_model(config: Config, tokenizer) -> list[str]:
-    """Shapes the backbone cannot take: positions, vocabulary, layers; a StructBERT checkpoint's tensors."""
-    bert = backbone_config(config.model)
+@dataclass
+class BackboneFacts:
+    """What preflight reads from a backbone's own files: the same for every trial that draws the backbone."""
+
+    shape: dict[str, int]  # max_position_embeddings, vocab_size, num_hidden_layers
+    checkpoint_problems: list[str]  # a StructBERT checkpoint's tensors that do not fit its config
+
+
+def read_backbone(model: ModelConfig) -> BackboneFacts:
+    bert = backbone_config(model)
     shape = {key: int(getattr(bert, key)) for key in ("max_position_embeddings", "vocab_size", "num_hidden_layers")}
+    backbone = model.backbone
+    return BackboneFacts(shape, structbert_checkpoint_problems(backbone) if isinstance(backbone, StructBertBackbone)
+                         else [])
+
+
+def check_model(config: Config, tokenizer, backbone: BackboneFacts) -> list[str]:
+    """Shapes the backbone cannot take: positions, vocabulary, layers; a StructBERT checkpoint's tensors."""
+    shape = backbone.shape
     problems = []
     if config.model.max_length > shape["max_position_embeddings"]:
         problems.append(f"model.max_length: {config.model.max_length} is more than the backbone's "
@@ -128,9 +156,7 @@ def check_model(config: Config, tokenizer) -> list[str]:
     if config.model.reinit_layers > shape["num_hidden_layers"]:
         problems.append(f"model.reinit_layers: {config.model.reinit_layers} is more than the backbone's "
                         f"{shape['num_hidden_layers']} layers; lower it")
-    if isinstance(config.model.backbone, StructBertBackbone):
-        problems += structbert_checkpoint_problems(config.model.backbone)
-    return problems
+    return problems + backbone.checkpoint_problems
 
 
 def structbert_checkpoint_problems(backbone: StructBertBackbone) -> list[str]:

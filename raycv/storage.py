@@ -33,7 +33,7 @@ from urllib.parse import urlparse
 import pyarrow
 import pyarrow.fs
 
-from raycv import RaycvError
+from raycv import RaycvError, first_line
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -122,6 +122,16 @@ def what_is_at(path: str | Path) -> str | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     return "a file" if stat.S_ISREG(mode) else "a directory" if stat.S_ISDIR(mode) else "a device, pipe or socket"
+
+
+def path_refusal(exc: OSError | ValueError) -> str:
+    """The reason the system gives for refusing a path, for a line that names the path itself: its strerror
+    ("File name too long", "Permission denied", "Too many levels of symbolic links"), without the errno and
+    the repeated path of str(exc); for a name no system call can take (a NUL in it: ValueError, or an OSError
+    without a strerror), the error's first line."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return first_line(exc)
 
 
 def not_a_file_to_replace(path: Path) -> str | None:

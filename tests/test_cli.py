@@ -332,3 +332,20 @@ print(json.dumps(out))
     ray_lines = [line for line in out if "pending tasks" in line]
     assert ray_lines[0] == "(pid=gcs) Warning: 3 pending tasks" and len(ray_lines) == 2, out
     assert "repeated 2x across cluster" in ray_lines[1], out
+
+
+def test_the_reason_the_system_gives_for_a_path_is_one_helper(tmp_path):
+    """convert-structbert, predict and the CLI's last resort each spelled out `exc.strerror or first_line(exc)`:
+    storage.path_refusal is the one place, and says the system's reason without the errno or the path again."""
+    import errno
+
+    from raycv.storage import path_refusal
+
+    with pytest.raises(OSError) as too_long:
+        (tmp_path / ("a" * 300)).stat()
+    assert too_long.value.errno == errno.ENAMETOOLONG and path_refusal(too_long.value) == "File name too long"
+    with pytest.raises(ValueError) as nul:
+        os.stat(tmp_path / "a\0b")
+    assert path_refusal(nul.value) == "embedded null byte"
+    assert path_refusal(OSError("the share went away")) == "the share went away"  # no strerror: the first line
+

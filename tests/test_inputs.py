@@ -656,7 +656,7 @@ def test_the_finished_run_reports_and_predicts(finished_run, small_csv, tmp_path
 RUN_FILES = ["run.json", "folds.csv", "baselines.json", "resolved_config.yaml", "oof/{t}.csv", "curves/{t}.csv",
              "models/{t}/config.yaml", "models/{t}/backbone.json", "models/{t}/fold_0.safetensors",
              "models/{t}/fold_1.safetensors", "models/{t}/tokenizer/tokenizer.json",
-             "models/{t}/tokenizer/tokenizer_config.json"]
+             "models/{t}/tokenizer/tokenizer_config.json", "models/{t}/files.json"]
 
 
 MODEL_FILES = [name for name in RUN_FILES if name.startswith("models/")] + ["models/{t}/tokenizer/vocab.txt"]
@@ -1269,6 +1269,74 @@ def test_a_kept_model_file_that_is_a_fifo_is_refused_before_any_is_read(finished
     assert lines_of(["predict", "run", "--data", "test.csv", "--out", "p.csv"], tmp_path) == [
         f"raycv: error: {path} is a device, pipe or socket, not a file; the run's kept models were cut short or "
         "edited: run the search again to keep new ones"]
+
+
+KEPT_FIX = "the run's kept models were cut short or edited: run the search again to keep new ones"
+
+
+def test_kept_models_list_every_file_they_were_written_with(finished_run):
+    directory = finished_run / "models" / kept_trial(finished_run)
+    written = {path.relative_to(directory).as_posix(): path.stat().st_size for path in directory.rglob("*")
+               if path.is_file() and path.name != "files.json"}
+    assert json.loads((directory / "files.json").read_text()) == written
+    assert {"config.yaml", "backbone.json", "fold_0.safetensors", "fold_1.safetensors", "tokenizer/tokenizer.json",
+            "tokenizer/tokenizer_config.json"} <= set(written)
+
+
+@FOREVER
+def test_a_kept_model_file_that_is_missing_is_refused_before_any_is_read(finished_run, small_csv, tmp_path):
+    """Without tokenizer.json, predict exited 0: transformers built another tokenizer from what was left. Every
+    file the kept models were written with is needed as it was kept, and said missing before anything is read."""
+    shutil.copytree(finished_run, tmp_path / "run")
+    pd.read_csv(small_csv, nrows=3).drop(columns="target").to_csv(tmp_path / "test.csv", index=False)
+    directory = Path("run") / "models" / kept_trial(finished_run)
+    for name in json.loads((tmp_path / directory / "files.json").read_text()):
+        moved = tmp_path / "aside"
+        (tmp_path / directory / name).rename(moved)
+        assert lines_of(["predict", "run", "--data", "test.csv", "--out", "p.csv"], tmp_path) == [
+            f"raycv: error: {directory / name}: file not found; {KEPT_FIX}"], name
+        moved.rename(tmp_path / directory / name)
+
+
+@FOREVER
+@pytest.mark.parametrize("name", ["tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
+                                  "fold_1.safetensors", "backbone.json"])
+def test_a_kept_model_file_cut_short_is_refused_before_any_is_read(finished_run, small_csv, tmp_path, name):
+    """A file a byte shorter than it was kept (a copy cut short) is named by its size, not half-loaded."""
+    shutil.copytree(finished_run, tmp_path / "run")
+    pd.read_csv(small_csv, nrows=3).drop(columns="target").to_csv(tmp_path / "test.csv", index=False)
+    path = Path("run") / "models" / kept_trial(finished_run) / name
+    size = (tmp_path / path).stat().st_size
+    with open(tmp_path / path, "r+b") as handle:
+        handle.truncate(size - 1)
+    assert lines_of(["predict", "run", "--data", "test.csv", "--out", "p.csv"], tmp_path) == [
+        f"raycv: error: {path}: {size - 1} bytes, not the {size} it was kept with; {KEPT_FIX}"]
+
+
+@FOREVER
+def test_models_kept_before_files_json_still_need_the_tokenizer_json(finished_run, small_csv, tmp_path):
+    """Models kept before files.json listed every file predict as before, but never without their tokenizer.json."""
+    shutil.copytree(finished_run, tmp_path / "run")
+    pd.read_csv(small_csv, nrows=3).drop(columns="target").to_csv(tmp_path / "test.csv", index=False)
+    directory = Path("run") / "models" / kept_trial(finished_run)
+    (tmp_path / directory / "files.json").unlink()
+    assert run_cli(["predict", "run", "--data", "test.csv", "--out", "p.csv"], tmp_path, outputs=("p.csv",))[0] == 0
+    (tmp_path / "p.csv").unlink()
+    (tmp_path / directory / "tokenizer" / "tokenizer.json").unlink()
+    assert lines_of(["predict", "run", "--data", "test.csv", "--out", "p.csv"], tmp_path) == [
+        f"raycv: error: {directory}/tokenizer/tokenizer.json: file not found; {KEPT_FIX}"]
+
+
+@FOREVER
+@pytest.mark.parametrize("listing", ["[]", "{}", '{"../../run.json": 10}', '{"/etc/passwd": 1}',
+                                     '{"config.yaml": -1}', '{"config.yaml": "12"}', "{", "\xff"])
+def test_a_kept_file_list_that_is_edited_is_one_line(finished_run, small_csv, tmp_path, listing):
+    shutil.copytree(finished_run, tmp_path / "run")
+    pd.read_csv(small_csv, nrows=3).drop(columns="target").to_csv(tmp_path / "test.csv", index=False)
+    path = Path("run") / "models" / kept_trial(finished_run) / "files.json"
+    (tmp_path / path).write_bytes(listing.encode("latin-1"))
+    (line,) = lines_of(["predict", "run", "--data", "test.csv", "--out", "p.csv"], tmp_path)
+    assert line.startswith(f"raycv: error: {path}: ") and line.endswith(KEPT_FIX), line
 
 
 def test_out_through_a_link_writes_the_linked_file_and_keeps_the_link(small_csv, tmp_path):

@@ -145,11 +145,50 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(structbert_files, tmp_path, 
     assert not out.exists()
 
 
-def test_a_checkpoint_of_something_else_is_refused(structbert_files, tmp_path, capsys):
+STATE_DICT = ("expected a state dict of tensors (AliceMind's en_model layout: parameter name -> tensor, e.g. "
+              "bert.encoder.layer.0.attention.output.LayerNorm.gamma)")
+UNPICKLED = "holds Python objects other than tensors, which raycv will not unpickle (unpickling can run any code)"
+
+
+class Optimiser:
+    """Something a training script pickles beside its weights (torch.load(weights_only=True) refuses it)."""
+
+
+def truncated(state) -> callable:
+    def write(path):
+        torch.save(state, path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return write
+
+
+@pytest.mark.parametrize("write, expected", [
+    (lambda path: torch.save({"step": 3, "weights": [1, 2]}, path), f"its entry 'step' holds 3 (int), not a tensor; "
+     f"{STATE_DICT}"),
+    (lambda path: torch.save({"w": torch.zeros(2), "optimiser": Optimiser()}, path), f"{UNPICKLED}; {STATE_DICT}"),
+    (lambda path: torch.save({"w": torch.zeros(2), "moments": np.zeros(2)}, path), f"{UNPICKLED}; {STATE_DICT}"),
+    (lambda path: torch.save([torch.zeros(2)], path), f"holds a list; {STATE_DICT}"),
+    (lambda path: torch.save(Optimiser(), path), f"{UNPICKLED}; {STATE_DICT}"),
+    (lambda path: torch.save(Optimiser(), path, _use_new_zipfile_serialization=False), f"{UNPICKLED}; {STATE_DICT}"),
+    (lambda path: path.write_bytes(pickle.dumps(os.system, protocol=4)), f"{UNPICKLED}; {STATE_DICT}"),
+    (lambda path: torch.save({}, path), f"holds an empty dict; {STATE_DICT}"),
+    (lambda path: torch.save({0: torch.zeros(2)}, path), f"its keys are not all parameter names; {STATE_DICT}"),
+    (truncated({"w": torch.zeros(64)}), "not a torch checkpoint (PytorchStreamReader failed reading zip archive: "
+     "failed finding central directory. "),
+], ids=["int", "object", "numpy", "list", "instance", "legacy-instance", "plain-pickle", "empty", "int-key",
+        "truncated"])
+def test_a_checkpoint_of_something_else_is_one_line_that_says_what_raycv_expects(structbert_files, tmp_path, capsys,
+                                                                                 write, expected):
+    """A valid torch pickle that is no state dict, or that only unsafe unpickling loads, quoted torch's advice to
+    load it with weights_only=False (running whatever code the file holds): raycv says what it expects instead."""
     files = structbert_files("bert")
-    torch.save({"step": 3, "weights": [1, 2]}, files.checkpoint)
-    code, _, stderr = convert(files, tmp_path / "converted", capsys)
-    assert code == 2 and stderr == f"raycv: error: {files.checkpoint}: expected a state dict of tensors\n"
+    write(files.checkpoint)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (line,) = refused(["convert-structbert", files.checkpoint, files.config, files.vocab, tmp_path / "out"],
+                          tmp_path, capsys)
+    assert line.startswith(f"raycv: error: {files.checkpoint}: {expected}"), line
+    assert line.endswith(STATE_DICT) and "weights_only" not in line, line
+    assert [str(w.message) for w in caught] == []
 
 
 def test_conversion_refuses_a_non_empty_output_directory(structbert_files, tmp_path, capsys):
@@ -223,19 +262,6 @@ def test_a_name_too_long_is_one_line_naming_it(structbert_files, tmp_path, capsy
                                          "choose a new directory"]
 
 
-def test_a_pickle_of_something_else_is_one_line_without_torch_warnings(structbert_files, tmp_path, capsys):
-    """torch's "Detected pickle protocol 4" UserWarning printed two lines before the refusal."""
-    files = structbert_files("bert")
-    with files.checkpoint.open("wb") as handle:
-        pickle.dump(os.system, handle, protocol=4)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        (line,) = refused(["convert-structbert", files.checkpoint, files.config, files.vocab, tmp_path / "out"],
-                          tmp_path, capsys)
-    assert line.startswith(f"raycv: error: {files.checkpoint}: not a torch checkpoint (")
-    assert [str(w.message) for w in caught] == []
-
-
 # ---------------------------------------------------------------- StructBERT as a config's backbone
 
 
@@ -266,6 +292,56 @@ def test_a_structbert_backbone_in_a_config_trains(structbert_space):
     assert len(result.curve) == 2 and all(np.isfinite(row["val_rmse"]) for row in result.curve)
     assert len(result.pred_last) == 150 and np.isfinite(result.pred_last).all()
     assert np.std(result.pred_last) > 0
+
+
+def test_validate_reads_a_backbone_once_whatever_is_searched(structbert_space, monkeypatch):
+    """Preflight mapped the StructBERT checkpoint, built its model on the meta device and read its config again
+    for every searched value (a tenth of a second each for BERT-large): each backbone is read once now, and a
+    searched value is still checked against it (a layer to re-initialise past its 2)."""
+    import raycv.preflight
+    from raycv.preflight import preflight
+    from raycv.spaces import ConfigError
+
+    files, space = structbert_space
+    reads = {"checkpoint": 0, "config": 0}
+
+    def counted(what, read):
+        def wrapper(*args, **kwargs):
+            reads[what] += 1
+            return read(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(raycv.preflight, "read_structbert_state_dict",
+                        counted("checkpoint", raycv.preflight.read_structbert_state_dict))
+    monkeypatch.setattr(raycv.preflight, "backbone_config", counted("config", raycv.preflight.backbone_config))
+    lrs = [f"{k}.0e-5" for k in range(1, 9)]
+    config = load_config(space(), [f"search.params={{train.lr: {{grid: [{', '.join(lrs)}]}}, "
+                                   "train.seed: {randint: [0, 100000]}}"])
+    preflight(config, "space.yaml")
+    assert reads == {"checkpoint": 1, "config": 1}
+
+    config = load_config(space(), ["search.params={model.reinit_layers: {grid: [0, 1, 2, 3]}}"])
+    with pytest.raises(ConfigError) as refused:
+        preflight(config, "space.yaml")
+    assert refused.value.problems == ["search.params.model.reinit_layers.grid value 3: model.reinit_layers: 3 is more "
+                                      "than the backbone's 2 layers; lower it"]
+    assert reads == {"checkpoint": 2, "config": 2}
+
+
+def test_a_checkpoint_in_torchs_legacy_format_is_checked_before_a_search(structbert_files):
+    """convert-structbert read an en_model saved in torch's format before 1.6, but validate refused it: its check
+    maps the file (mmap), which torch does only for the zip format ("not a torch checkpoint (mmap can only be
+    used ...)")."""
+    from raycv.config import StructBertBackbone
+    from raycv.preflight import structbert_checkpoint_problems
+
+    files = structbert_files("bert")
+    torch.save(files.state, files.checkpoint, _use_new_zipfile_serialization=False)
+    backbone = StructBertBackbone(type="structbert", checkpoint=str(files.checkpoint), config=str(files.config),
+                                  vocab=str(files.vocab))
+    assert structbert_checkpoint_problems(backbone) == []
+    state, _ = read_structbert_state_dict(files.checkpoint, mmap=True)
+    assert torch.equal(state["embeddings.word_embeddings.weight"], files.model.embeddings.word_embeddings.weight)
 
 
 def test_reinit_layers_changes_only_the_top_layers(structbert_space):
