@@ -161,7 +161,7 @@ def run_file_exists(path: Path) -> bool:
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.EBADF):  # what pathlib's is_file answers False to
             return False
-        raise RaycvError(f"{path}: cannot look it up ({exc.strerror or first_line(exc)})") from None
+        raise RaycvError(f"{path}: cannot look it up ({storage.path_refusal(exc)})") from None
     if kind in (None, "a file"):
         return kind is not None
     raise RaycvError(f"{path} is {kind}, not a file raycv wrote; remove it, or put back the run's file")
@@ -241,7 +241,7 @@ def _read_checked(storage_path: str, relative: str, parse):
     except ValidationError as exc:  # before ValueError, which it is
         reason = _first_error(exc)
     except (OSError, ValueError, RecursionError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
+        reason = storage.path_refusal(exc)
     raise RaycvError(f"{storage.shown_path(storage_path, relative)}: not what raycv wrote ({reason}); it may be cut "
                      "short or edited: remove it, and the trial is collected without it")
 

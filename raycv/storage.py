@@ -124,7 +124,7 @@ def what_is_at(path: str | Path) -> str | None:
     return "a file" if stat.S_ISREG(mode) else "a directory" if stat.S_ISDIR(mode) else "a device, pipe or socket"
 
 
-def path_refusal(exc: OSError | ValueError) -> str:
+def path_refusal(exc: Exception) -> str:
     """The reason the system gives for refusing a path, for a line that names the path itself: its strerror
     ("File name too long", "Permission denied", "Too many levels of symbolic links"), without the errno and
     the repeated path of str(exc); for a name no system call can take (a NUL in it: ValueError, or an OSError
