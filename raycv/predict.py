@@ -77,8 +77,14 @@ def export_fold_models(storage_path: str, run_dir: Path, trial_id: str, config: 
         data = storage.read_bytes(storage_path, fold_state)  # retried while a bucket's endpoint does not answer
         if data is None:
             raise RaycvError(f"trial {trial_id} has no {state_name} in {storage_path}/{run}/{max(points)} to export")
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        save_file({name: t.contiguous() for name, t in state["model"].items()}, staging / model_name)
+        try:  # raycv wrote it, but a storage can hand back a cut-short or edited object
+            weights = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)["model"]
+            tensors = {name: t.contiguous() for name, t in weights.items()}
+        except Exception as exc:  # torch's unpickler raises many kinds; a non-dict has no ["model"]
+            shutil.rmtree(staging, ignore_errors=True)
+            raise RaycvError(f"{storage.shown_path(storage_path, fold_state)}: not a fold checkpoint raycv can "
+                             f"export ({first_line(exc)[:200]})") from None
+        save_file(tensors, staging / model_name)
     (staging / "backbone.json").write_text(backbone_config(config.model).to_json_string())
     (staging / "config.yaml").write_text(dump_yaml(config))
     load_tokenizer(config.model).save_pretrained(staging / "tokenizer")

@@ -610,6 +610,44 @@ def finished_run(small_csv, tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.parametrize("damage", ["random bytes", "cut short", "a list", "no model entry", "a non-tensor"])
+def test_a_damaged_fold_checkpoint_is_not_exported_and_is_one_line_naming_it(small_csv, tmp_path, damage):
+    """export_fold_models reads raycv's own fold checkpoints back from the storage; one that a storage handed
+    back cut short or edited ended the finished search in torch's traceback (neither the export's guard nor
+    the search's end caught it). It is one line naming the object, and no models folder is left, whole or
+    staged: the search keeps that trial's checkpoints for another try."""
+    from raycv import RaycvError, storage
+    from raycv.predict import export_fold_models, models_dir
+    from raycv.spaces import load_config
+
+    space = tmp_path / "tiny.yaml"
+    space.write_text(yaml.safe_dump(tiny_space(small_csv, run={"output_dir": str(tmp_path / "run")})))
+    config = load_config(space)
+    point = Path(config.run.storage_path) / storage.train_run_name("t_0") / storage.checkpoint_dir_name(1)
+    point.mkdir(parents=True)
+    good = io.BytesIO()
+    torch.save({"model": {"w": torch.zeros(2)}}, good)
+    content = {"random bytes": os.urandom(64), "cut short": good.getvalue()[:40],
+               "a list": _saved([1, 2]), "no model entry": _saved({"weights": {}}),
+               "a non-tensor": _saved({"model": {"w": 3}})}[damage]
+    for fold in range(config.data.num_folds):
+        (point / storage.FOLD_STATE.format(fold)).write_bytes(content)
+    with pytest.raises(RaycvError) as caught:
+        export_fold_models(config.run.storage_path, Path(config.run.output_dir), "t_0", config)
+    line = str(caught.value)
+    assert "\n" not in line and storage.FOLD_STATE.format(0) in line, line
+    assert "not a fold checkpoint raycv can export" in line, line
+    run_dir = Path(config.run.output_dir)
+    models = models_dir(run_dir, "t_0").parent
+    assert not models.exists() or not any(models.iterdir())  # neither the models nor their staging folder
+
+
+def _saved(value) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
 @pytest.mark.parametrize("damage, why", [
     ("missing", "cannot be read ([Errno 2] No such file or directory: "),
     ("a directory", "cannot be read ([Errno 21] Is a directory: "),
