@@ -145,6 +145,15 @@ def read_structbert_config(config_path: str | Path, attention: str = "sdpa"):
         raise RaycvError(f"{config_path}: not a BERT config ({first_line(exc)})") from None
 
 
+def _starts_as_pickle(path: str | Path, exc: pickle.UnpicklingError) -> bool:
+    """Whether the file torch's safe unpickler refused is a pickle (objects raycv will not unpickle) rather
+    than other bytes: a pickle of protocol 2 or later, as torch's own formats are, opens with PROTO (0x80)."""
+    if "Unsupported global" in str(exc):
+        return True
+    with open(path, "rb") as file:
+        return file.read(1) == pickle.PROTO
+
+
 def read_structbert_state_dict(
     checkpoint_path: str | Path, mmap: bool = False
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -156,14 +165,18 @@ def read_structbert_state_dict(
             # torch maps only its zip format; a checkpoint saved in the legacy format (torch < 1.6) is read whole
             state = torch.load(checkpoint_path, map_location="cpu", weights_only=True,
                                mmap=mmap and zipfile.is_zipfile(checkpoint_path))
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as exc:
+        if not _starts_as_pickle(checkpoint_path, exc):  # "Unsupported operand 36": bytes that are no pickle
+            raise RaycvError(f"{checkpoint_path}: not a torch checkpoint (its bytes are not in torch's save format); "
+                             f"expected {STATE_DICT}") from None
         # torch's refusal of other objects advises loading with weights_only=False, which runs whatever code the
         # file holds: raycv's own line instead
         raise RaycvError(f"{checkpoint_path}: holds Python objects other than tensors, which raycv will not unpickle "
                          f"(unpickling can run any code); expected {STATE_DICT}") from None
     except Exception as exc:  # torch raises many types for a file that is not a checkpoint
-        raise RaycvError(f"{checkpoint_path}: not a torch checkpoint ({first_line(exc)}); expected {STATE_DICT}"
-                         ) from None
+        reason = {EOFError: "it is empty or cut short",  # bare: EOFError(), KeyError(101)
+                  KeyError: "its bytes are not in torch's save format"}.get(type(exc)) or first_line(exc)
+        raise RaycvError(f"{checkpoint_path}: not a torch checkpoint ({reason}); expected {STATE_DICT}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict", state.get("model")), dict):
         state = state.get("state_dict", state.get("model"))
     if not isinstance(state, dict) or not state:

@@ -174,8 +174,13 @@ def truncated(state) -> callable:
     (lambda path: torch.save({0: torch.zeros(2)}, path), f"its keys are not all parameter names; {STATE_DICT}"),
     (truncated({"w": torch.zeros(64)}), "not a torch checkpoint (PytorchStreamReader failed reading zip archive: "
      "failed finding central directory. "),
+    (lambda path: path.write_bytes(bytes(range(36, 100))), "not a torch checkpoint (its bytes are not in torch's "
+     f"save format); {STATE_DICT}"),
+    (lambda path: path.write_bytes(b"hello world\n" * 10), "not a torch checkpoint (its bytes are not in torch's "
+     f"save format); {STATE_DICT}"),
+    (lambda path: path.write_bytes(b""), f"not a torch checkpoint (it is empty or cut short); {STATE_DICT}"),
 ], ids=["int", "object", "numpy", "list", "instance", "legacy-instance", "plain-pickle", "empty", "int-key",
-        "truncated"])
+        "truncated", "bytes", "text", "no-bytes"])
 def test_a_checkpoint_of_something_else_is_one_line_that_says_what_raycv_expects(structbert_files, tmp_path, capsys,
                                                                                  write, expected):
     """A valid torch pickle that is no state dict, or that only unsafe unpickling loads, quoted torch's advice to
