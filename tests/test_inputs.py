@@ -265,9 +265,15 @@ def alias_bomb(width: int, depth: int) -> str:
 @settings(max_examples=15, **SETTINGS)
 @given(width=st.integers(2, 9), depth=st.integers(1, 8),
        key=st.sampled_from(LEAF_KEYS + ["search.params", "search.params.train.lr.grid",
-                                        "search.params.train.lr.choice", "resources.custom_per_fold.x"]))
-def test_a_yaml_alias_bomb_anywhere_is_a_few_short_lines(small_csv, width, depth, key):
-    """9 levels of 9 aliases printed a 226 MB error line (1.4 GB of memory, 8 s) for `train.lr`."""
+                                        "search.params.train.lr.choice", "resources.custom_per_fold.x",
+                                        "x", "data.x", "run.mlflow.x"]),  # a key no section has, too
+       self_reference=st.integers(0, 3).map(lambda n: n == 0))
+@example(width=9, depth=9, key="x", self_reference=False)  # walked alias by alias: validate hung
+@example(width=2, depth=1, key="train.lr", self_reference=True)  # a list holding itself: RecursionError
+def test_a_yaml_alias_bomb_anywhere_is_a_few_short_lines(small_csv, width, depth, key, self_reference):
+    """9 levels of 9 aliases printed a 226 MB error line (1.4 GB of memory, 8 s) for `train.lr`; under a key no
+    section has, `raycv validate` hung walking them (NUL check). `self_reference`: the bomb inside a list that
+    holds itself (`&loop [BOMB, *loop]`), which PyYAML builds and every walk recursed into for ever."""
     space = tiny_space(small_csv)
     *parents, leaf = key.split(".") if not key.startswith("search.params.train.lr") else \
         ["search", "params", "train.lr", key.rsplit(".", 1)[1]]
@@ -275,11 +281,15 @@ def test_a_yaml_alias_bomb_anywhere_is_a_few_short_lines(small_csv, width, depth
     for part in parents:
         section = section.setdefault(part, {}) if isinstance(section.get(part), dict | None) else {}
     section[leaf] = "BOMB"
-    text = yaml.safe_dump(space, sort_keys=False).replace("BOMB", alias_bomb(width, depth), 1)
+    bomb = f"&loop [{alias_bomb(width, depth)}, *loop]" if self_reference else alias_bomb(width, depth)
+    text = yaml.safe_dump(space, sort_keys=False).replace("BOMB", bomb, 1)
     with workdir() as cwd:
         (cwd / "space.yaml").write_text(text)
         code, _, err = run_cli(["validate", "space.yaml", "--no-model"], cwd)
-    assert code == 2 or width ** depth < 10, err  # a bomb is no value of any key; 9 leaves may be a valid list
+    # a bomb is no value of any key; 9 leaves may be a valid list
+    assert code == 2 or (width ** depth < 10 and not self_reference), err
+    if self_reference:
+        assert "*loop is inside the value it names" in err, err
     assert len(err) <= MAX_LINES * MAX_LINE_CHARS
 
 
