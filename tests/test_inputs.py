@@ -510,6 +510,17 @@ def test_a_line_too_long_to_read_keeps_what_is_wrong_and_the_fix(small_csv, tmp_
         "(File name too long); choose another place"), line
 
 
+@pytest.mark.timeout(60)
+def test_a_number_of_epochs_no_run_could_train_is_one_line(small_csv, tmp_path):
+    """train.epochs=1e23 (a typo) passed validation; train-fold then hung before its first step, laying out
+    that many evaluation steps, and each fold worker of a search would have too."""
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(tiny_space(small_csv)))
+    lines = lines_of(["train-fold", "space.yaml", "--fold", "0", f"train.epochs={10**23}", "--out-dir", "out"],
+                     tmp_path)
+    assert lines == [f"raycv: error: space.yaml: train.epochs: Input should be less than or equal to 1000, found "
+                     f"{10**23}"], lines
+
+
 def test_ray_variables_that_are_no_regular_expressions_are_one_line_each(small_csv, tmp_path, monkeypatch):
     """Ray compiles them as it is imported: `import ray` failed, after every check had passed."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
