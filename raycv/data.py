@@ -61,7 +61,7 @@ def _read_csv(data: DataConfig, with_target: bool) -> pd.DataFrame:
         }
     )
     if with_target:
-        rows["target"] = pd.to_numeric(raw[data.target_column], errors="coerce")
+        rows["target"] = numbers(raw[data.target_column])
     row_names = rows["id"].fillna("").where(
         rows["id"].notna() & (rows["id"] != ""), "line " + (raw.index + 2).astype(str)
     )
@@ -81,16 +81,45 @@ def _read_csv(data: DataConfig, with_target: bool) -> pd.DataFrame:
     refuse(~is_text, f"an empty or non-text {data.text_column}")
     rows["id"] = rows["id"].astype(str)
     if with_target:
-        refuse(
-            ~np.isfinite(rows["target"].to_numpy(dtype=float, na_value=np.nan)),
-            f"a missing or non-finite {data.target_column}",
-        )
+        target = rows["target"].to_numpy(dtype=float, na_value=np.nan)
+        refuse(~np.isfinite(target), f"a missing, non-numeric or non-finite {data.target_column}")
+        with np.errstate(invalid="ignore"):
+            refuse(np.isfinite(target) & (np.abs(target) > TARGET_MAX),
+                   f"a {data.target_column} beyond ±{TARGET_MAX:.3g}, more than training's 32-bit floats hold "
+                   "(scale the column down)")
         rows["target"] = rows["target"].astype(float)
     if problems:
         raise DataError(str(data.path), problems)
     if rows.empty:  # a header alone: nothing to score or to train on
         raise RaycvError(f"{data.path}: no rows under the header; nothing to {'train on' if with_target else 'score'}")
     return rows
+
+
+# The largest target a fold trains on: its targets are 32-bit floats (and the loss their squares). A target of
+# 1e300 became inf in training (a "diverged" fold and a numpy warning); ±1e308 overflowed the target bins' range
+# and ended `raycv folds` in pandas' traceback.
+TARGET_MAX = float(np.finfo(np.float32).max)
+
+
+def numbers(column: pd.Series) -> pd.Series:
+    """A CSV column as floats, NaN where a cell is no number: True/False (pandas reads a column of them as
+    booleans, which to_numeric takes for 1 and 0) and an integer of hundreds of digits (to_numeric raised
+    OverflowError) included."""
+    if pd.api.types.is_bool_dtype(column):
+        return pd.Series(np.nan, index=column.index, dtype=float)
+    try:
+        return pd.to_numeric(column, errors="coerce").astype(float)
+    except (OverflowError, TypeError, ValueError):
+        return column.map(_number).astype(float)
+
+
+def _number(value) -> float:
+    if isinstance(value, bool):
+        return np.nan
+    try:
+        return float(value)
+    except (OverflowError, TypeError, ValueError):
+        return np.nan
 
 
 def check_fold_settings(rows: pd.DataFrame, data: DataConfig) -> list[str]:

@@ -544,7 +544,10 @@ def test_ray_variables_that_are_no_regular_expressions_are_one_line_each(small_c
 texts = st.one_of(st.text(max_size=40), st.sampled_from(["", " ", "a" * 20000, "café é ü", "line\nbreak", '"']))
 ids = st.one_of(st.sampled_from(["a", "b", "c", "", " ", "1", "01", "nan"]), st.text(max_size=6))
 targets = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 5),
-                    st.sampled_from(["", "abc", "nan", "1e400", "-1.5"]))
+                    st.sampled_from(["", "abc", "nan", "1e400", "-1.5"]),
+                    # finite, but beyond 32-bit floats or their range overflowing (pd.cut's traceback), an integer
+                    # too long for a float (to_numeric's OverflowError), booleans (read as 1 and 0)
+                    st.sampled_from(["1e308", "-1.7e308", "3.5e38", "9" * 400, "True", "false"]), st.booleans())
 
 
 @st.composite
@@ -564,6 +567,8 @@ def csv_bytes(draw, with_target: bool = True) -> bytes:
 
 @settings(max_examples=50, **SETTINGS)
 @given(raw=csv_bytes(), command=st.sampled_from(["folds", "folds", "validate"]))
+@example(raw=b"id,excerpt,target\na,x,1e308\nb,x,-1e308\nc,x,1\nd,x,2\ne,x,3\n", command="folds")  # pd.cut's traceback
+@example(raw=b"id,excerpt,target\na,x,1\nb,x,2\nc,x,3\nd,x," + b"9" * 400 + b"\n", command="folds")  # OverflowError
 def test_any_csv_for_the_data(raw, command):
     with workdir() as cwd:
         (cwd / "train.csv").write_bytes(raw)
