@@ -305,6 +305,20 @@ def test_every_kind_of_bad_row_at_once(small_csv, tmp_path):
     ]
 
 
+@pytest.mark.parametrize("head, fix", [
+    (b"\x1f\x8b\x08\x00", "it is gzip-compressed; decompress it (gunzip) or name it .csv.gz"),
+    (b"PK\x03\x04\x14\x00", "it is a zip archive (an Excel .xlsx workbook is one); save or extract it as a CSV file"),
+    ("id,excerpt,target\n".encode("utf-16"), "it is UTF-16 text; save it as UTF-8"),
+    (b"id,excerpt,target\nx,caf\xe9,1\n", "not UTF-8 text ('utf-8' codec can't decode byte 0xe9 in position 3: "
+                                         "unexpected end of data); save it as UTF-8"),
+])
+def test_a_csv_that_is_no_text_says_what_it_is_and_the_fix(tmp_path, head, fix):
+    """A gzip'd train.csv or an .xlsx said only "'utf-8' codec can't decode byte 0x8b in position 1"."""
+    path = tmp_path / "train.csv"
+    path.write_bytes(head + (bytes(range(128, 256)) * 4 if fix.startswith("it is") else b""))
+    assert refusal(DataConfig(path=str(path))) == f"{path}: cannot read as CSV: {fix}"
+
+
 def test_a_file_that_is_not_csv_is_refused(tmp_path):
     path = tmp_path / "h.csv"
     path.write_bytes(b"")

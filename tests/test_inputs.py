@@ -565,14 +565,62 @@ def csv_bytes(draw, with_target: bool = True) -> bytes:
     return encode(buffer.getvalue(), draw(encodings))
 
 
+def packed(raw: bytes, how: str) -> tuple[str, bytes]:
+    """The CSV's bytes as a file name and its bytes: as they are, or compressed or archived (pandas decompresses
+    by the name's ending), whole, cut short, or an archive of no file or of two."""
+    import gzip
+    import lzma
+    import tarfile
+    import zipfile
+
+    def archive(kind: str, members: list[bytes]) -> bytes:
+        buffer = io.BytesIO()
+        if kind == "zip":
+            with zipfile.ZipFile(buffer, "w") as z:
+                for i, member in enumerate(members):
+                    z.writestr(f"{i}.csv", member)
+        else:
+            with tarfile.open(fileobj=buffer, mode="w") as t:
+                for i, member in enumerate(members):
+                    info = tarfile.TarInfo(f"{i}.csv")
+                    info.size = len(member)
+                    t.addfile(info, io.BytesIO(member))
+        return buffer.getvalue()
+
+    return {
+        "plain": lambda: ("train.csv", raw),
+        "gzip named .csv": lambda: ("train.csv", gzip.compress(raw)),
+        "gzip": lambda: ("train.csv.gz", gzip.compress(raw)),
+        "gzip cut short": lambda: ("train.csv.gz", gzip.compress(raw)[:30]),
+        "xz cut short": lambda: ("train.csv.xz", lzma.compress(raw)[:40]),
+        "zip": lambda: ("train.zip", archive("zip", [raw])),
+        "zip of none": lambda: ("train.zip", archive("zip", [])),
+        "zip of two": lambda: ("train.zip", archive("zip", [raw, raw])),
+        "zip named .xlsx": lambda: ("train.xlsx", archive("zip", [raw])),
+        "tar of two": lambda: ("train.tar", archive("tar", [raw, raw])),
+        "not a tar": lambda: ("train.tar", raw),
+        "zstd": lambda: ("train.csv.zst", b"\x28\xb5\x2f\xfd" + raw),
+    }[how]()
+
+
 @settings(max_examples=50, **SETTINGS)
-@given(raw=csv_bytes(), command=st.sampled_from(["folds", "folds", "validate"]))
-@example(raw=b"id,excerpt,target\na,x,1e308\nb,x,-1e308\nc,x,1\nd,x,2\ne,x,3\n", command="folds")  # pd.cut's traceback
-@example(raw=b"id,excerpt,target\na,x,1\nb,x,2\nc,x,3\nd,x," + b"9" * 400 + b"\n", command="folds")  # OverflowError
-def test_any_csv_for_the_data(raw, command):
+@given(raw=csv_bytes(), command=st.sampled_from(["folds", "folds", "validate"]),
+       how=st.sampled_from(["plain"] * 12 + ["gzip named .csv", "gzip", "gzip cut short", "xz cut short", "zip",
+                                              "zip of none", "zip of two", "zip named .xlsx", "tar of two",
+                                              "not a tar", "zstd"]))
+@example(raw=b"id,excerpt,target\na,x,1e308\nb,x,-1e308\nc,x,1\nd,x,2\ne,x,3\n", command="folds",
+         how="plain")  # pd.cut's traceback
+@example(raw=b"id,excerpt,target\na,x,1\nb,x,2\nc,x,3\nd,x," + b"9" * 400 + b"\n", command="folds",
+         how="plain")  # OverflowError
+# EOFError, ValueError, BadZipFile, TarError, LZMAError: tracebacks from pandas' decompression
+@example(raw=b"id,excerpt,target\na,x,1\n", command="folds", how="gzip cut short")
+@example(raw=b"id,excerpt,target\na,x,1\n", command="folds", how="zip of two")
+@example(raw=b"id,excerpt,target\na,x,1\n", command="folds", how="not a tar")
+def test_any_csv_for_the_data(raw, command, how):
+    name, raw = packed(raw, how)
     with workdir() as cwd:
-        (cwd / "train.csv").write_bytes(raw)
-        (cwd / "space.yaml").write_text(yaml.safe_dump(tiny_space(Path("train.csv"))))
+        (cwd / name).write_bytes(raw)
+        (cwd / "space.yaml").write_text(yaml.safe_dump(tiny_space(Path(name))))
         argv = [command, "space.yaml", "data.num_folds=2"] + (["--out", "folds.csv"] if command == "folds" else [])
         run_cli(argv + (["--no-model"] if command == "validate" else []), cwd, outputs=("folds.csv",))
 
