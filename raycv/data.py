@@ -92,7 +92,7 @@ def _read_csv(data: DataConfig, with_target: bool) -> pd.DataFrame:
         refuse(~np.isfinite(target), f"a missing, non-numeric or non-finite {data.target_column}")
         with np.errstate(invalid="ignore"):
             refuse(np.isfinite(target) & (np.abs(target) > TARGET_MAX),
-                   f"a {data.target_column} beyond ±{TARGET_MAX:.3g}, more than training's 32-bit floats hold "
+                   f"a {data.target_column} beyond +/-{TARGET_MAX:.3g}, more than training's 32-bit floats hold "
                    "(scale the column down)")
         rows["target"] = rows["target"].astype(float)
     if problems:

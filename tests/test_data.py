@@ -212,9 +212,9 @@ def set_cell(column, row, value):
         ("target", 10**400, "a missing, non-numeric or non-finite target"),
         ("target", "True", "a missing, non-numeric or non-finite target"),
         # training's targets are 32-bit floats: 1e300 became inf (a "diverged" fold), ±1e308 a traceback in pd.cut
-        ("target", "1e300", "a target beyond ±3.4e+38, more than training's 32-bit floats hold (scale the column "
+        ("target", "1e300", "a target beyond +/-3.4e+38, more than training's 32-bit floats hold (scale the column "
                             "down)"),
-        ("target", "-1.7e308", "a target beyond ±3.4e+38, more than training's 32-bit floats hold (scale the "
+        ("target", "-1.7e308", "a target beyond +/-3.4e+38, more than training's 32-bit floats hold (scale the "
                                "column down)"),
     ],
 )
@@ -234,7 +234,7 @@ def test_targets_whose_range_overflows_are_refused_not_a_traceback(small_csv, tm
     """±1e308 are finite, but their range is not: pd.cut's bins raised "Bin edges must be unique"."""
     data, df = small_csv(tmp_path / "h.csv", lambda df: df.assign(target=[1e308, -1e308] * (len(df) // 2) + [0.0] *
                                                                    (len(df) % 2)))
-    assert "row(s) with a target beyond ±3.4e+38" in refusal(data)
+    assert "row(s) with a target beyond +/-3.4e+38" in refusal(data)
 
 
 def test_duplicate_ids_are_refused_naming_them(small_csv, tmp_path):
