@@ -691,7 +691,9 @@ def finished_run(small_csv, tmp_path_factory) -> Path:
     ("not UTF-8", "cannot be read ('utf-8' codec can't decode byte 0xff in position 0: invalid start byte)"),
     ("empty", "is empty"),
     ("a list", "holds a list, not a config"),
+    ("a pipe", "cannot be read (it is a device, pipe or socket, not a file)"),  # --resume waited for a writer
 ])
+@pytest.mark.timeout(120)
 def test_resuming_a_run_whose_config_is_damaged_is_one_line(finished_run, tmp_path, damage, why):
     """--resume compares the config with the run's resolved_config.yaml, whose read was unguarded: a missing or
     broken one ended `raycv tune --resume` in a traceback (before Ray started)."""
@@ -707,7 +709,7 @@ def test_resuming_a_run_whose_config_is_damaged_is_one_line(finished_run, tmp_pa
     saved.unlink()
     {"a directory": saved.mkdir, "not YAML": lambda: saved.write_text("[\n"),
      "not UTF-8": lambda: saved.write_bytes(b"\xff\xfe\xfa"), "empty": lambda: saved.write_text(""),
-     "a list": lambda: saved.write_text("- 1\n"), "missing": lambda: None}[damage]()
+     "a list": lambda: saved.write_text("- 1\n"), "missing": lambda: None, "a pipe": lambda: os.mkfifo(saved)}[damage]()
     with pytest.raises(RaycvError) as refused:
         check_run_directory(config, run_dir, True, "raycv tune tiny.yaml --resume")
     assert str(refused.value).startswith(f"--resume: {saved} {why}"), refused.value
