@@ -15,6 +15,7 @@ import copy
 import difflib
 import importlib.resources
 import itertools
+import sys
 from pathlib import Path
 
 import yaml
@@ -49,6 +50,9 @@ def bundled_spaces_dir() -> Path:
 BUNDLED_SPACES_DIR = bundled_spaces_dir()
 
 
+MAX_LINES = 10  # the most lines one ConfigError prints; the last counts what it leaves out
+
+
 class ConfigError(RaycvError):
     """Every problem found in one search space; `problems` holds one line per problem."""
 
@@ -59,8 +63,14 @@ class ConfigError(RaycvError):
         super().__init__((f"{source}: " if source else "") + " | ".join(problems))
 
     def lines(self) -> list[str]:
-        """One line per problem, each naming the file it is in."""
-        return [(f"{self.source}: " if self.source else "") + problem for problem in self.problems]
+        """One line per problem, each naming the file it is in; past MAX_LINES, one line counting the rest (a
+        file of 20,000 unknown keys printed 20,000 lines)."""
+        lines = [(f"{self.source}: " if self.source else "") + problem for problem in self.problems]
+        if len(lines) <= MAX_LINES:
+            return lines
+        rest = len(lines) - (MAX_LINES - 1)
+        return lines[:MAX_LINES - 1] + [(f"{self.source}: " if self.source else "") + f"and {rest} more problems "
+                                        "like these; fix those above first"]
 
 
 def resolve_space_path(arg: str | Path) -> Path:
@@ -215,7 +225,13 @@ def parse_yaml(text: str):
         where = f" at line {mark.line + 1}" if mark else ""
         what = getattr(exc, "problem", None) or first_line(exc)
         raise ValueError(f"not valid YAML{where}: {what}") from None
-    except (ValueError, TypeError, RecursionError) as exc:  # e.g. a date such as 2024-13-45
+    except RecursionError:  # "maximum recursion depth exceeded while calling a Python object" said neither
+        raise ValueError("not valid YAML: nested too deeply for Python to read (hundreds of levels; a search "
+                         "space has four)") from None
+    except (ValueError, TypeError) as exc:  # e.g. a date such as 2024-13-45
+        if "integer string conversion" in str(exc):  # Python's advice (sys.set_int_max_str_digits) is no fix
+            raise ValueError(f"not valid YAML: an integer of more than {sys.get_int_max_str_digits()} digits, more "
+                             "than any setting takes") from None
         raise ValueError(f"not valid YAML: {exc}") from None
 
 
