@@ -96,7 +96,7 @@ class ModelConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: int = Field(3, ge=1)  # passes over each fold's training rows
+    epochs: int = Field(3, ge=1, le=1000)  # passes over each fold's training rows (fine-tuning takes 2 to 5)
     batch_size: int = Field(8, ge=1)  # rows per optimiser step
     micro_batch_size: int | None = Field(None, ge=1)  # rows per forward/backward pass; None: batch_size
     # Each batch is padded to its longest row rounded up to a multiple of this (never past model.max_length),

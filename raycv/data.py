@@ -9,7 +9,10 @@ without shuffle on the bins. With seed 1000 and k 5 on Kaggle's 2,834 rows: 567/
 
 from __future__ import annotations
 
+import lzma
+import tarfile
 import warnings
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,7 +49,11 @@ def read_texts(data: DataConfig) -> pd.DataFrame:
 def _read_csv(data: DataConfig, with_target: bool) -> pd.DataFrame:
     try:
         raw = pd.read_csv(data.path, dtype={data.id_column: str}, keep_default_na=True)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise RaycvError(f"{data.path}: cannot read as CSV: {not_text(data.path, exc)}") from None
+    except (OSError, EOFError, ValueError, ImportError, zipfile.BadZipFile, tarfile.TarError, lzma.LZMAError) as exc:
+        # pandas' parser errors are ValueErrors; a name ending .gz, .zip, .tar, .xz, .zst is decompressed as
+        # it is read, and a truncated, corrupt or many-file archive (or zstandard not installed) raised these
         raise RaycvError(f"{data.path}: cannot read as CSV ({first_line(exc)})") from None
     wanted = {getattr(data, key): key for key in (REQUIRED if with_target else REQUIRED[:2])}
     missing = [f"{name} (data.{key})" for name, key in wanted.items() if name not in raw.columns]
@@ -61,7 +68,7 @@ def _read_csv(data: DataConfig, with_target: bool) -> pd.DataFrame:
         }
     )
     if with_target:
-        rows["target"] = pd.to_numeric(raw[data.target_column], errors="coerce")
+        rows["target"] = numbers(raw[data.target_column])
     row_names = rows["id"].fillna("").where(
         rows["id"].notna() & (rows["id"] != ""), "line " + (raw.index + 2).astype(str)
     )
@@ -81,16 +88,71 @@ def _read_csv(data: DataConfig, with_target: bool) -> pd.DataFrame:
     refuse(~is_text, f"an empty or non-text {data.text_column}")
     rows["id"] = rows["id"].astype(str)
     if with_target:
-        refuse(
-            ~np.isfinite(rows["target"].to_numpy(dtype=float, na_value=np.nan)),
-            f"a missing or non-finite {data.target_column}",
-        )
+        target = rows["target"].to_numpy(dtype=float, na_value=np.nan)
+        refuse(~np.isfinite(target), f"a missing, non-numeric or non-finite {data.target_column}")
+        with np.errstate(invalid="ignore"):
+            refuse(np.isfinite(target) & (np.abs(target) > TARGET_MAX),
+                   f"a {data.target_column} beyond +/-{TARGET_MAX:.3g}, more than training's 32-bit floats hold "
+                   "(scale the column down)")
         rows["target"] = rows["target"].astype(float)
     if problems:
         raise DataError(str(data.path), problems)
     if rows.empty:  # a header alone: nothing to score or to train on
         raise RaycvError(f"{data.path}: no rows under the header; nothing to {'train on' if with_target else 'score'}")
     return rows
+
+
+# The largest target a fold trains on: its targets are 32-bit floats (and the loss their squares). A target of
+# 1e300 became inf in training (a "diverged" fold and a numpy warning); ±1e308 overflowed the target bins' range
+# and ended `raycv folds` in pandas' traceback.
+TARGET_MAX = float(np.finfo(np.float32).max)
+
+
+def numbers(column: pd.Series) -> pd.Series:
+    """A CSV column as floats, NaN where a cell is no number: True/False (pandas reads a column of them as
+    booleans, which to_numeric takes for 1 and 0) and an integer of hundreds of digits (to_numeric raised
+    OverflowError) included."""
+    if pd.api.types.is_bool_dtype(column):
+        return pd.Series(np.nan, index=column.index, dtype=float)
+    try:
+        return pd.to_numeric(column, errors="coerce").astype(float)
+    except (OverflowError, TypeError, ValueError):
+        return column.map(_number).astype(float)
+
+
+def _number(value) -> float:
+    if isinstance(value, bool):
+        return np.nan
+    try:
+        return float(value)
+    except (OverflowError, TypeError, ValueError):
+        return np.nan
+
+
+# What a file that is no UTF-8 text starts with, by its first bytes, and what to do with it.
+NOT_TEXT = {
+    b"\x1f\x8b": "it is gzip-compressed; decompress it (gunzip) or name it .csv.gz",
+    b"PK\x03\x04": "it is a zip archive (an Excel .xlsx workbook is one); save or extract it as a CSV file",
+    b"BZh": "it is bzip2-compressed; decompress it (bunzip2) or name it .csv.bz2",
+    b"\xfd7zXZ\x00": "it is xz-compressed; decompress it (unxz) or name it .csv.xz",
+    b"\x28\xb5\x2f\xfd": "it is zstd-compressed; decompress it (unzstd) or name it .csv.zst",
+    b"\xff\xfe": "it is UTF-16 text; save it as UTF-8",
+    b"\xfe\xff": "it is UTF-16 text; save it as UTF-8",
+    b"\xd0\xcf\x11\xe0": "it is an old Excel (.xls) or other Office file; save it as a CSV file",
+}
+
+
+def not_text(path, exc: UnicodeDecodeError) -> str:
+    """Why a CSV pandas could not decode is no text, and the fix: a compressed file or a workbook by its
+    first bytes (a gzip'd file named .csv said only "'utf-8' codec can't decode byte 0x8b in position 1"),
+    else the first byte that is no UTF-8."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+    except OSError:
+        head = b""
+    known = next((fix for magic, fix in NOT_TEXT.items() if head.startswith(magic)), None)
+    return known or f"not UTF-8 text ({first_line(exc)}); save it as UTF-8"
 
 
 def check_fold_settings(rows: pd.DataFrame, data: DataConfig) -> list[str]:

@@ -15,6 +15,7 @@ import copy
 import difflib
 import importlib.resources
 import itertools
+import sys
 from pathlib import Path
 
 import yaml
@@ -49,6 +50,9 @@ def bundled_spaces_dir() -> Path:
 BUNDLED_SPACES_DIR = bundled_spaces_dir()
 
 
+MAX_LINES = 10  # the most lines one ConfigError prints; the last counts what it leaves out
+
+
 class ConfigError(RaycvError):
     """Every problem found in one search space; `problems` holds one line per problem."""
 
@@ -59,8 +63,14 @@ class ConfigError(RaycvError):
         super().__init__((f"{source}: " if source else "") + " | ".join(problems))
 
     def lines(self) -> list[str]:
-        """One line per problem, each naming the file it is in."""
-        return [(f"{self.source}: " if self.source else "") + problem for problem in self.problems]
+        """One line per problem, each naming the file it is in; past MAX_LINES, one line counting the rest (a
+        file of 20,000 unknown keys printed 20,000 lines)."""
+        lines = [(f"{self.source}: " if self.source else "") + problem for problem in self.problems]
+        if len(lines) <= MAX_LINES:
+            return lines
+        rest = len(lines) - (MAX_LINES - 1)
+        return lines[:MAX_LINES - 1] + [(f"{self.source}: " if self.source else "") + f"and {rest} more problems "
+                                        "like these; fix those above first"]
 
 
 def resolve_space_path(arg: str | Path) -> Path:
@@ -130,13 +140,20 @@ def load_config(space: str | Path, overrides: list[str] | tuple[str, ...] = (), 
     return config
 
 
-def _nul_problems(raw: object, key: str = "") -> list[str]:
+def _nul_problems(raw: object, key: str = "", seen: set[int] | None = None) -> list[str]:
     """Keys whose text holds a NUL character, which no path or name can (the OS ends a path there; resolving
-    run.output_dir raised "embedded null byte")."""
+    run.output_dir raised "embedded null byte"). Each list or mapping is walked once, under the first key that
+    holds it: a YAML alias bomb (each list nine aliases of the one before) is a few dozen objects, but
+    387 million values when every alias is walked again, and `raycv validate` hung on one under unknown keys."""
+    seen = set() if seen is None else seen
+    if isinstance(raw, dict | list):
+        if id(raw) in seen:
+            return []
+        seen.add(id(raw))
     if isinstance(raw, dict):
-        return [line for k, v in raw.items() for line in _nul_problems(v, f"{key}.{k}" if key else str(k))]
+        return [line for k, v in raw.items() for line in _nul_problems(v, f"{key}.{k}" if key else str(k), seen)]
     if isinstance(raw, list):
-        return [line for i, v in enumerate(raw) for line in _nul_problems(v, f"{key}[{i}]")]
+        return [line for i, v in enumerate(raw) for line in _nul_problems(v, f"{key}[{i}]", seen)]
     if isinstance(raw, str) and "\0" in raw:
         return [f"{key}: {shown(raw)} holds a NUL character (\\0), which no path or name can; remove it"]
     return []
@@ -157,7 +174,28 @@ def decode_text(data: bytes) -> str:
 class UniqueKeyLoader(yaml.SafeLoader):
     """yaml.SafeLoader that refuses a key given twice in one mapping, as YAML's spec does: PyYAML keeps the
     last one silently, so `num_folds: 5` followed further down by `num_folds: 3` ran 3 folds unsaid. Keys a
-    merge (`<<: *base`) brings in may still be overridden."""
+    merge (`<<: *base`) brings in may still be overridden. It also refuses an alias inside the node it names
+    (`a: &x [*x]`): PyYAML builds a list that holds itself, and every walk over the config recursed until
+    Python's stack ran out (a traceback)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.open_anchors: list[str] = []  # anchors of the nodes being composed, outermost first
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) and event.anchor in self.open_anchors:
+            raise yaml.composer.ComposerError(
+                None, None, f"alias *{event.anchor} is inside the value it names (&{event.anchor}), which would "
+                "hold itself for ever; repeat the value instead", event.start_mark)
+        anchor = getattr(event, "anchor", None) if not isinstance(event, yaml.AliasEvent) else None
+        if anchor is None:
+            return super().compose_node(parent, index)
+        self.open_anchors.append(anchor)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.open_anchors.pop()
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -187,7 +225,13 @@ def parse_yaml(text: str):
         where = f" at line {mark.line + 1}" if mark else ""
         what = getattr(exc, "problem", None) or first_line(exc)
         raise ValueError(f"not valid YAML{where}: {what}") from None
-    except (ValueError, TypeError, RecursionError) as exc:  # e.g. a date such as 2024-13-45
+    except RecursionError:  # "maximum recursion depth exceeded while calling a Python object" said neither
+        raise ValueError("not valid YAML: nested too deeply for Python to read (hundreds of levels; a search "
+                         "space has four)") from None
+    except (ValueError, TypeError) as exc:  # e.g. a date such as 2024-13-45
+        if "integer string conversion" in str(exc):  # Python's advice (sys.set_int_max_str_digits) is no fix
+            raise ValueError(f"not valid YAML: an integer of more than {sys.get_int_max_str_digits()} digits, more "
+                             "than any setting takes") from None
         raise ValueError(f"not valid YAML: {exc}") from None
 
 

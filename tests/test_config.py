@@ -391,3 +391,29 @@ def test_yaml_that_is_not_a_mapping_or_not_yaml_is_reported(tmp_path):
 def test_config_round_trips_through_its_dict(tiny_space):
     config = load_config(tiny_space())
     assert Config.model_validate(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("text, problem", [
+    # "maximum recursion depth exceeded while calling a Python object": no line, no fix
+    ("train: " + "[" * 5000 + "]" * 5000 + "\n",
+     "not valid YAML: nested too deeply for Python to read (hundreds of levels; a search space has four)"),
+    # Python's advice, "use sys.set_int_max_str_digits() to increase the limit", is no fix for a YAML file
+    ("train: {epochs: " + "9" * 5000 + "}\n",
+     f"not valid YAML: an integer of more than {sys.get_int_max_str_digits()} digits, more than any setting takes"),
+])
+def test_yaml_python_cannot_read_says_why_in_words(tmp_path, text, problem):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    assert problems_of(bad) == [problem]
+
+
+def test_thousands_of_problems_are_ten_lines_the_last_counting_the_rest(tmp_path):
+    """A file of 20,000 unknown keys printed 20,000 lines, one per key."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("".join(f"key{i}: 1\n" for i in range(20_000)))
+    with pytest.raises(ConfigError) as info:
+        load_config(bad)
+    lines = info.value.lines()
+    assert len(lines) == 10 and all(line.startswith(f"{bad}: ") for line in lines), lines
+    assert lines[0].startswith(f"{bad}: key0: unknown key")
+    assert lines[-1] == f"{bad}: and {20_000 + 1 - 9} more problems like these; fix those above first"

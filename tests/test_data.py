@@ -205,14 +205,36 @@ def set_cell(column, row, value):
     [
         ("excerpt", "", "an empty or non-text excerpt"),
         ("excerpt", "   ", "an empty or non-text excerpt"),
-        ("target", np.nan, "a missing or non-finite target"),
-        ("target", "hard", "a missing or non-finite target"),
-        ("target", "inf", "a missing or non-finite target"),
+        ("target", np.nan, "a missing, non-numeric or non-finite target"),
+        ("target", "hard", "a missing, non-numeric or non-finite target"),
+        ("target", "inf", "a missing, non-numeric or non-finite target"),
+        ("target", "9" * 400, "a missing, non-numeric or non-finite target"),  # pandas raised OverflowError
+        ("target", 10**400, "a missing, non-numeric or non-finite target"),
+        ("target", "True", "a missing, non-numeric or non-finite target"),
+        # training's targets are 32-bit floats: 1e300 became inf (a "diverged" fold), ±1e308 a traceback in pd.cut
+        ("target", "1e300", "a target beyond +/-3.4e+38, more than training's 32-bit floats hold (scale the column "
+                            "down)"),
+        ("target", "-1.7e308", "a target beyond +/-3.4e+38, more than training's 32-bit floats hold (scale the "
+                               "column down)"),
     ],
 )
 def test_bad_cells_are_refused_naming_the_row(small_csv, tmp_path, column, value, what):
     data, df = small_csv(tmp_path / "c.csv", set_cell(column, 7, value))
     assert refusal(data) == f"{data.path}: 1 row(s) with {what}: {df['id'][7]}"
+
+
+def test_a_target_column_of_booleans_is_refused_not_read_as_ones_and_zeros(small_csv, tmp_path):
+    """pandas reads a column of True/False as booleans, and to_numeric made them 1.0 and 0.0: trained on."""
+    data, df = small_csv(tmp_path / "b.csv", lambda df: df.assign(target=[True, False] * (len(df) // 2) + [True] *
+                                                                   (len(df) % 2)))
+    assert refusal(data).startswith(f"{data.path}: {len(df)} row(s) with a missing, non-numeric or non-finite target: ")
+
+
+def test_targets_whose_range_overflows_are_refused_not_a_traceback(small_csv, tmp_path):
+    """±1e308 are finite, but their range is not: pd.cut's bins raised "Bin edges must be unique"."""
+    data, df = small_csv(tmp_path / "h.csv", lambda df: df.assign(target=[1e308, -1e308] * (len(df) // 2) + [0.0] *
+                                                                   (len(df) % 2)))
+    assert "row(s) with a target beyond +/-3.4e+38" in refusal(data)
 
 
 def test_duplicate_ids_are_refused_naming_them(small_csv, tmp_path):
@@ -228,7 +250,8 @@ def test_an_empty_id_is_refused_naming_the_line(small_csv, tmp_path):
 def test_many_bad_rows_are_counted_not_all_listed(small_csv, tmp_path):
     data, df = small_csv(tmp_path / "f.csv", lambda df: df.assign(target=["x"] * 8 + list(df["target"][8:])))
     assert refusal(data) == (
-        f"{data.path}: 8 row(s) with a missing or non-finite target: " + ", ".join(df["id"][:5]) + " and 3 more"
+        f"{data.path}: 8 row(s) with a missing, non-numeric or non-finite target: " + ", ".join(df["id"][:5])
+        + " and 3 more"
     )
 
 
@@ -280,6 +303,20 @@ def test_every_kind_of_bad_row_at_once(small_csv, tmp_path):
         f"2 row(s) with a duplicate id: {df['id'][1]}, {df['id'][1]}",
         f"2 row(s) with an empty or non-text excerpt: line 2, {df['id'][1]}",
     ]
+
+
+@pytest.mark.parametrize("head, fix", [
+    (b"\x1f\x8b\x08\x00", "it is gzip-compressed; decompress it (gunzip) or name it .csv.gz"),
+    (b"PK\x03\x04\x14\x00", "it is a zip archive (an Excel .xlsx workbook is one); save or extract it as a CSV file"),
+    ("id,excerpt,target\n".encode("utf-16"), "it is UTF-16 text; save it as UTF-8"),
+    (b"id,excerpt,target\nx,caf\xe9,1\n", "not UTF-8 text ('utf-8' codec can't decode byte 0xe9 in position 3: "
+                                         "unexpected end of data); save it as UTF-8"),
+])
+def test_a_csv_that_is_no_text_says_what_it_is_and_the_fix(tmp_path, head, fix):
+    """A gzip'd train.csv or an .xlsx said only "'utf-8' codec can't decode byte 0x8b in position 1"."""
+    path = tmp_path / "train.csv"
+    path.write_bytes(head + (bytes(range(128, 256)) * 4 if fix.startswith("it is") else b""))
+    assert refusal(DataConfig(path=str(path))) == f"{path}: cannot read as CSV: {fix}"
 
 
 def test_a_file_that_is_not_csv_is_refused(tmp_path):

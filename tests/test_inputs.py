@@ -265,9 +265,15 @@ def alias_bomb(width: int, depth: int) -> str:
 @settings(max_examples=15, **SETTINGS)
 @given(width=st.integers(2, 9), depth=st.integers(1, 8),
        key=st.sampled_from(LEAF_KEYS + ["search.params", "search.params.train.lr.grid",
-                                        "search.params.train.lr.choice", "resources.custom_per_fold.x"]))
-def test_a_yaml_alias_bomb_anywhere_is_a_few_short_lines(small_csv, width, depth, key):
-    """9 levels of 9 aliases printed a 226 MB error line (1.4 GB of memory, 8 s) for `train.lr`."""
+                                        "search.params.train.lr.choice", "resources.custom_per_fold.x",
+                                        "x", "data.x", "run.mlflow.x"]),  # a key no section has, too
+       self_reference=st.integers(0, 3).map(lambda n: n == 0))
+@example(width=9, depth=9, key="x", self_reference=False)  # walked alias by alias: validate hung
+@example(width=2, depth=1, key="train.lr", self_reference=True)  # a list holding itself: RecursionError
+def test_a_yaml_alias_bomb_anywhere_is_a_few_short_lines(small_csv, width, depth, key, self_reference):
+    """9 levels of 9 aliases printed a 226 MB error line (1.4 GB of memory, 8 s) for `train.lr`; under a key no
+    section has, `raycv validate` hung walking them (NUL check). `self_reference`: the bomb inside a list that
+    holds itself (`&loop [BOMB, *loop]`), which PyYAML builds and every walk recursed into for ever."""
     space = tiny_space(small_csv)
     *parents, leaf = key.split(".") if not key.startswith("search.params.train.lr") else \
         ["search", "params", "train.lr", key.rsplit(".", 1)[1]]
@@ -275,11 +281,15 @@ def test_a_yaml_alias_bomb_anywhere_is_a_few_short_lines(small_csv, width, depth
     for part in parents:
         section = section.setdefault(part, {}) if isinstance(section.get(part), dict | None) else {}
     section[leaf] = "BOMB"
-    text = yaml.safe_dump(space, sort_keys=False).replace("BOMB", alias_bomb(width, depth), 1)
+    bomb = f"&loop [{alias_bomb(width, depth)}, *loop]" if self_reference else alias_bomb(width, depth)
+    text = yaml.safe_dump(space, sort_keys=False).replace("BOMB", bomb, 1)
     with workdir() as cwd:
         (cwd / "space.yaml").write_text(text)
         code, _, err = run_cli(["validate", "space.yaml", "--no-model"], cwd)
-    assert code == 2 or width ** depth < 10, err  # a bomb is no value of any key; 9 leaves may be a valid list
+    # a bomb is no value of any key; 9 leaves may be a valid list
+    assert code == 2 or (width ** depth < 10 and not self_reference), err
+    if self_reference:
+        assert "*loop is inside the value it names" in err, err
     assert len(err) <= MAX_LINES * MAX_LINE_CHARS
 
 
@@ -500,6 +510,17 @@ def test_a_line_too_long_to_read_keeps_what_is_wrong_and_the_fix(small_csv, tmp_
         "(File name too long); choose another place"), line
 
 
+@pytest.mark.timeout(60)
+def test_a_number_of_epochs_no_run_could_train_is_one_line(small_csv, tmp_path):
+    """train.epochs=1e23 (a typo) passed validation; train-fold then hung before its first step, laying out
+    that many evaluation steps, and each fold worker of a search would have too."""
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(tiny_space(small_csv)))
+    lines = lines_of(["train-fold", "space.yaml", "--fold", "0", f"train.epochs={10**23}", "--out-dir", "out"],
+                     tmp_path)
+    assert lines == [f"raycv: error: space.yaml: train.epochs: Input should be less than or equal to 1000, found "
+                     f"{10**23}"], lines
+
+
 def test_ray_variables_that_are_no_regular_expressions_are_one_line_each(small_csv, tmp_path, monkeypatch):
     """Ray compiles them as it is imported: `import ray` failed, after every check had passed."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -523,7 +544,10 @@ def test_ray_variables_that_are_no_regular_expressions_are_one_line_each(small_c
 texts = st.one_of(st.text(max_size=40), st.sampled_from(["", " ", "a" * 20000, "café é ü", "line\nbreak", '"']))
 ids = st.one_of(st.sampled_from(["a", "b", "c", "", " ", "1", "01", "nan"]), st.text(max_size=6))
 targets = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 5),
-                    st.sampled_from(["", "abc", "nan", "1e400", "-1.5"]))
+                    st.sampled_from(["", "abc", "nan", "1e400", "-1.5"]),
+                    # finite, but beyond 32-bit floats or their range overflowing (pd.cut's traceback), an integer
+                    # too long for a float (to_numeric's OverflowError), booleans (read as 1 and 0)
+                    st.sampled_from(["1e308", "-1.7e308", "3.5e38", "9" * 400, "True", "false"]), st.booleans())
 
 
 @st.composite
@@ -541,12 +565,62 @@ def csv_bytes(draw, with_target: bool = True) -> bytes:
     return encode(buffer.getvalue(), draw(encodings))
 
 
+def packed(raw: bytes, how: str) -> tuple[str, bytes]:
+    """The CSV's bytes as a file name and its bytes: as they are, or compressed or archived (pandas decompresses
+    by the name's ending), whole, cut short, or an archive of no file or of two."""
+    import gzip
+    import lzma
+    import tarfile
+    import zipfile
+
+    def archive(kind: str, members: list[bytes]) -> bytes:
+        buffer = io.BytesIO()
+        if kind == "zip":
+            with zipfile.ZipFile(buffer, "w") as z:
+                for i, member in enumerate(members):
+                    z.writestr(f"{i}.csv", member)
+        else:
+            with tarfile.open(fileobj=buffer, mode="w") as t:
+                for i, member in enumerate(members):
+                    info = tarfile.TarInfo(f"{i}.csv")
+                    info.size = len(member)
+                    t.addfile(info, io.BytesIO(member))
+        return buffer.getvalue()
+
+    return {
+        "plain": lambda: ("train.csv", raw),
+        "gzip named .csv": lambda: ("train.csv", gzip.compress(raw)),
+        "gzip": lambda: ("train.csv.gz", gzip.compress(raw)),
+        "gzip cut short": lambda: ("train.csv.gz", gzip.compress(raw)[:30]),
+        "xz cut short": lambda: ("train.csv.xz", lzma.compress(raw)[:40]),
+        "zip": lambda: ("train.zip", archive("zip", [raw])),
+        "zip of none": lambda: ("train.zip", archive("zip", [])),
+        "zip of two": lambda: ("train.zip", archive("zip", [raw, raw])),
+        "zip named .xlsx": lambda: ("train.xlsx", archive("zip", [raw])),
+        "tar of two": lambda: ("train.tar", archive("tar", [raw, raw])),
+        "not a tar": lambda: ("train.tar", raw),
+        "zstd": lambda: ("train.csv.zst", b"\x28\xb5\x2f\xfd" + raw),
+    }[how]()
+
+
 @settings(max_examples=50, **SETTINGS)
-@given(raw=csv_bytes(), command=st.sampled_from(["folds", "folds", "validate"]))
-def test_any_csv_for_the_data(raw, command):
+@given(raw=csv_bytes(), command=st.sampled_from(["folds", "folds", "validate"]),
+       how=st.sampled_from(["plain"] * 12 + ["gzip named .csv", "gzip", "gzip cut short", "xz cut short", "zip",
+                                              "zip of none", "zip of two", "zip named .xlsx", "tar of two",
+                                              "not a tar", "zstd"]))
+@example(raw=b"id,excerpt,target\na,x,1e308\nb,x,-1e308\nc,x,1\nd,x,2\ne,x,3\n", command="folds",
+         how="plain")  # pd.cut's traceback
+@example(raw=b"id,excerpt,target\na,x,1\nb,x,2\nc,x,3\nd,x," + b"9" * 400 + b"\n", command="folds",
+         how="plain")  # OverflowError
+# EOFError, ValueError, BadZipFile, TarError, LZMAError: tracebacks from pandas' decompression
+@example(raw=b"id,excerpt,target\na,x,1\n", command="folds", how="gzip cut short")
+@example(raw=b"id,excerpt,target\na,x,1\n", command="folds", how="zip of two")
+@example(raw=b"id,excerpt,target\na,x,1\n", command="folds", how="not a tar")
+def test_any_csv_for_the_data(raw, command, how):
+    name, raw = packed(raw, how)
     with workdir() as cwd:
-        (cwd / "train.csv").write_bytes(raw)
-        (cwd / "space.yaml").write_text(yaml.safe_dump(tiny_space(Path("train.csv"))))
+        (cwd / name).write_bytes(raw)
+        (cwd / "space.yaml").write_text(yaml.safe_dump(tiny_space(Path(name))))
         argv = [command, "space.yaml", "data.num_folds=2"] + (["--out", "folds.csv"] if command == "folds" else [])
         run_cli(argv + (["--no-model"] if command == "validate" else []), cwd, outputs=("folds.csv",))
 
@@ -655,7 +729,9 @@ def _saved(value) -> bytes:
     ("not UTF-8", "cannot be read ('utf-8' codec can't decode byte 0xff in position 0: invalid start byte)"),
     ("empty", "is empty"),
     ("a list", "holds a list, not a config"),
+    ("a pipe", "cannot be read (it is a device, pipe or socket, not a file)"),  # --resume waited for a writer
 ])
+@pytest.mark.timeout(120)
 def test_resuming_a_run_whose_config_is_damaged_is_one_line(finished_run, tmp_path, damage, why):
     """--resume compares the config with the run's resolved_config.yaml, whose read was unguarded: a missing or
     broken one ended `raycv tune --resume` in a traceback (before Ray started)."""
@@ -671,7 +747,7 @@ def test_resuming_a_run_whose_config_is_damaged_is_one_line(finished_run, tmp_pa
     saved.unlink()
     {"a directory": saved.mkdir, "not YAML": lambda: saved.write_text("[\n"),
      "not UTF-8": lambda: saved.write_bytes(b"\xff\xfe\xfa"), "empty": lambda: saved.write_text(""),
-     "a list": lambda: saved.write_text("- 1\n"), "missing": lambda: None}[damage]()
+     "a list": lambda: saved.write_text("- 1\n"), "missing": lambda: None, "a pipe": lambda: os.mkfifo(saved)}[damage]()
     with pytest.raises(RaycvError) as refused:
         check_run_directory(config, run_dir, True, "raycv tune tiny.yaml --resume")
     assert str(refused.value).startswith(f"--resume: {saved} {why}"), refused.value
