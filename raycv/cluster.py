@@ -84,6 +84,11 @@ def ray_environment_problems() -> list[str]:
             re.compile(value or "")
         except re.error as exc:
             problems.append(f"{name}={shown(value)} is not a regular expression ({exc}); fix it or unset it")
+    value = os.environ.get(GCS_RECONNECT_TIMEOUT_ENV)
+    if value and not (value.strip().isascii() and value.strip().isdigit() and 0 < int(value) < 2**32):
+        problems.append(f"{GCS_RECONNECT_TIMEOUT_ENV}={shown(value)} is not a whole number of seconds from 1 to "
+                        f"{2**32 - 1} (Ray's own config, which raycv's cluster watch reads too); fix it or unset it "
+                        "(60 s)")
     return problems
 
 

@@ -53,8 +53,9 @@ TINY = {
 ROWS = 40
 MAX_LINES = 12  # "a few lines": one per problem
 MAX_LINE_CHARS = 1000  # a line, not a dump of the input (a value the line quotes is cut short)
+# what every line names: a key, a flag, a path, a row, a line, an environment variable (Ray's own have lower case), an argument
 NAMES = re.compile(r"[\w-]+\.[\w.\[\]-]+|--[a-z-]+|/|\brows?\b|\bline \d|override|command|argument"
-                   r"|\b[A-Z][A-Z_]+=|^(?:out_dir|checkpoint|config_json|vocab_txt): ")  # a variable, an argument
+                   r"|\b[A-Z][A-Z_]+=|\bRAY_\w+=|^(?:out_dir|checkpoint|config_json|vocab_txt): ")
 SETTINGS = {"derandomize": True, "deadline": None, "database": None,
             "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]}
 
@@ -536,6 +537,30 @@ def test_ray_variables_that_are_no_regular_expressions_are_one_line_each(small_c
     assert len(lines) == 3 and "train.epochs" in lines[2]  # with the config's problems, at once
     assert os.environ["RAY_DEDUP_LOGS_ALLOW_REGEX"] == "("  # left as it was, not wrapped into ours
     assert lines_of(["bench", "--quick"], tmp_path) == lines[:2]
+
+
+@given(value=st.one_of(st.sampled_from(["abc", "1.5", "-3", "0", " ", "1e3", "60s", str(2**32), "٣"]),
+                       st.text(min_size=1, max_size=8)))
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_a_gcs_reconnect_timeout_that_is_no_whole_number_is_one_line(small_csv, tmp_path, monkeypatch, value):
+    """The cluster watch read RAY_gcs_rpc_server_reconnect_timeout_s with an unguarded float() once Ray had
+    started (a traceback mid-search; Ray's own config is a whole number of seconds): refused with the config's
+    problems, before anything starts. A whole number from 1 up passes."""
+    if "\x00" in value:
+        return  # no environment can hold a NUL
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_gcs_rpc_server_reconnect_timeout_s", value)
+    from raycv.cluster import ray_environment_problems
+
+    problems = ray_environment_problems()
+    if value.strip().isascii() and value.strip().isdigit() and 0 < int(value) < 2**32:
+        assert problems == []
+        return
+    assert len(problems) == 1 and problems[0].startswith("RAY_gcs_rpc_server_reconnect_timeout_s=")
+    assert problems[0].endswith("fix it or unset it (60 s)")
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(tiny_space(small_csv)))
+    assert lines_of(["tune", "space.yaml"], tmp_path) == [f"raycv: error: {one_line(problems[0])}"]
 
 
 # ---------------------------------------------------------------- CSVs
