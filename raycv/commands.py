@@ -15,7 +15,7 @@ import pandas as pd
 from raycv import RaycvError, attempt
 from raycv.config import dump_yaml
 from raycv.spaces import BUNDLED_SPACES_DIR, ConfigError, list_spaces, load_config, resolve_space_path
-from raycv.storage import write_atomic, write_text_atomic
+from raycv.storage import write_all, write_atomic
 
 
 def validate(args) -> int:
@@ -133,9 +133,9 @@ def train_fold(args) -> int:
     print(f"fold {args.fold}: {len(data.train_ids)} training rows, {len(data.valid_ids)} validation rows, "
           f"batch {config.train.batch_size}, {config.train.epochs} epochs")
     result = run_fold(config, data, on_eval=lambda point, _: print(fold_line(point), flush=True))
-    write_atomic(out_dir / "predictions.csv", lambda tmp: result.predictions().to_csv(tmp, index=False))
-    write_atomic(out_dir / "curve.csv", lambda tmp: pd.DataFrame(result.curve).to_csv(tmp, index=False))
-    write_text_atomic(out_dir / "resolved_config.yaml", dump_yaml(config))
+    write_all(out_dir, {"predictions.csv": result.predictions().to_csv(index=False).encode(),  # all or none
+                        "curve.csv": pd.DataFrame(result.curve).to_csv(index=False).encode(),
+                        "resolved_config.yaml": dump_yaml(config).encode()})
     if result.diverged:  # as a trial of `raycv tune` ends diverged: what it trained is written, the exit says so
         print(f"{result.diverged}; wrote {out_dir} (its predictions from that point on are not finite)")
         return 1

@@ -12,8 +12,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -37,8 +35,7 @@ from raycv.scoring import (
     seed_columns_problem,
     stack,
 )
-from raycv.spaces import ConfigError
-from raycv.storage import RUN_FILES, not_a_file_to_replace, run_curve_path, run_oof_path
+from raycv.storage import RUN_FILES, run_curve_path, run_oof_path, write_all
 
 OPTIMISM_NOTE = (
     "cv_rmse_best takes each fold's predictions at that fold's best evaluation point, chosen on the same "
@@ -352,36 +349,6 @@ def _finite(value):
     if isinstance(value, list | tuple):
         return [_finite(item) for item in value]
     return value
-
-
-def write_all(run_dir: Path, contents: dict[str, bytes]) -> None:
-    """Each file of `contents` (name -> bytes) in `run_dir`, or none of them: every place is checked first
-    (a directory, a pipe or a device there is one line each), each file is written beside its place, and only
-    once all are written are they renamed onto their places. A report half old and half new contradicts itself."""
-    places, problems = {}, []
-    for name in contents:
-        path = run_dir / name
-        place = Path(os.path.realpath(path)) if path.is_symlink() else path  # write the link's file, keep the link
-        problem = not_a_file_to_replace(path) or ("is a directory" if place.is_dir() else None)
-        if problem:
-            problems.append(f"{place} {problem}; name a file to write")
-        places[name] = place
-    if problems:
-        raise ConfigError(None, problems)
-    written: dict[str, Path] = {}
-    try:
-        for name, data in contents.items():
-            handle, tmp = tempfile.mkstemp(prefix=f".{places[name].name}.", suffix=".tmp", dir=places[name].parent)
-            written[name] = Path(tmp)
-            with os.fdopen(handle, "wb") as stream:
-                stream.write(data)
-        for name, tmp in written.items():
-            tmp.replace(places[name])
-    except OSError as exc:
-        raise RaycvError(f"cannot write {exc.filename or run_dir}: {exc.strerror or exc}") from None
-    finally:
-        for tmp in written.values():
-            tmp.unlink(missing_ok=True)  # renamed already, or left by a failure
 
 
 def trials_table(report: dict) -> pd.DataFrame:

@@ -23,6 +23,7 @@ import datetime
 import logging
 import os
 import stat
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -147,6 +148,40 @@ def not_a_file_to_replace(path: Path) -> str | None:
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def write_all(run_dir: str | Path, contents: dict[str, bytes]) -> None:
+    """Each file of `contents` (name -> bytes) in `run_dir`, or none of them: every place is checked first
+    (a directory, a pipe or a device there is one line each), each file is written beside its place, and only
+    once all are written are they renamed onto their places. Files half old and half new (a report, a fold's
+    predictions beside another run's curve) contradict each other."""
+    places, problems = {}, []
+    for name in contents:
+        path = Path(run_dir) / name
+        place = Path(os.path.realpath(path)) if path.is_symlink() else path  # write the link's file, keep the link
+        problem = not_a_file_to_replace(path) or ("is a directory" if place.is_dir() else None)
+        if problem:
+            problems.append(f"{place} {problem}; name a file to write")
+        places[name] = place
+    if problems:
+        from raycv.spaces import ConfigError  # spaces imports this module
+
+        raise ConfigError(None, problems)
+    written: dict[str, Path] = {}
+    try:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        for name, data in contents.items():
+            handle, tmp = tempfile.mkstemp(prefix=f".{places[name].name}.", suffix=".tmp", dir=places[name].parent)
+            written[name] = Path(tmp)
+            with os.fdopen(handle, "wb") as stream:
+                stream.write(data)
+        for name, tmp in written.items():
+            tmp.replace(places[name])
+    except OSError as exc:
+        raise RaycvError(f"cannot write {exc.filename or run_dir}: {path_refusal(exc)}") from None
+    finally:
+        for tmp in written.values():
+            tmp.unlink(missing_ok=True)  # renamed already, or left by a failure
 
 
 # ---------------------------------------------------------------- Ray's storage (local or a bucket)

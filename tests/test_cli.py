@@ -126,6 +126,32 @@ def test_train_fold_that_diverges_says_so_and_exits_1(train_csv, tmp_path, capsy
     assert pd.read_csv(tmp_path / "fold1" / "curve.csv")["point"].tolist() == [1]
 
 
+def test_train_fold_writes_its_three_files_or_none(train_csv, tmp_path, capsys, monkeypatch):
+    """A disk that fills while train-fold writes its --out-dir left predictions.csv without its curve.csv and
+    config (three renames one after another): now all three are written beside their places first, and a
+    failure leaves the folder as it was (here: an earlier run's three files, untouched) and one line."""
+    import errno
+    import tempfile
+
+    out_dir = tmp_path / "fold0"
+    out_dir.mkdir()
+    before = {name: f"an earlier run's {name}\n" for name in ("predictions.csv", "curve.csv", "resolved_config.yaml")}
+    for name, text in before.items():
+        (out_dir / name).write_text(text)
+    real_mkstemp = tempfile.mkstemp
+
+    def disk_full_at_the_curve(*args, prefix=None, **kwargs):
+        if prefix and prefix.startswith(".curve.csv."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out_dir / "curve.csv"))
+        return real_mkstemp(*args, prefix=prefix, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", disk_full_at_the_curve)
+    code, _, err = run(["train-fold", SMOKE, "--fold", "0", f"data.path={train_csv}", *PINNED, "train.epochs=1", "scheduler.type=none",
+                        "--out-dir", out_dir], capsys)
+    assert (code, err) == (2, f"raycv: error: cannot write {out_dir / 'curve.csv'}: No space left on device\n")
+    assert {path.name: path.read_text() for path in out_dir.iterdir()} == before  # no temporary file left either
+
+
 def test_train_fold_writes_predictions_and_curve(train_csv, tmp_path, capsys):
     out_dir = tmp_path / "fold0"
 

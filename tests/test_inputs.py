@@ -53,7 +53,7 @@ TINY = {
 ROWS = 40
 MAX_LINES = 12  # "a few lines": one per problem
 MAX_LINE_CHARS = 1000  # a line, not a dump of the input (a value the line quotes is cut short)
-# what every line names: a key, a flag, a path, a row, a line, an environment variable (Ray's own have lower case), an argument
+# what every line names: a key, a flag, a path, a row, a line, an environment variable (Ray's have lower case)
 NAMES = re.compile(r"[\w-]+\.[\w.\[\]-]+|--[a-z-]+|/|\brows?\b|\bline \d|override|command|argument"
                    r"|\b[A-Z][A-Z_]+=|\bRAY_\w+=|^(?:out_dir|checkpoint|config_json|vocab_txt): ")
 SETTINGS = {"derandomize": True, "deadline": None, "database": None,
