@@ -150,6 +150,17 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
+class PlacesError(RaycvError):
+    """Places that a set of files cannot be written to (write_all), one line each, as the CLI prints them."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__(" | ".join(problems))
+
+    def lines(self) -> list[str]:
+        return self.problems
+
+
 def write_all(run_dir: str | Path, contents: dict[str, bytes]) -> None:
     """Each file of `contents` (name -> bytes) in `run_dir`, or none of them: every place is checked first
     (a directory, a pipe or a device there is one line each), each file is written beside its place, and only
@@ -164,9 +175,7 @@ def write_all(run_dir: str | Path, contents: dict[str, bytes]) -> None:
             problems.append(f"{place} {problem}; name a file to write")
         places[name] = place
     if problems:
-        from raycv.spaces import ConfigError  # spaces imports this module
-
-        raise ConfigError(None, problems)
+        raise PlacesError(problems)
     written: dict[str, Path] = {}
     try:
         Path(run_dir).mkdir(parents=True, exist_ok=True)

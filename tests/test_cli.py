@@ -146,8 +146,8 @@ def test_train_fold_writes_its_three_files_or_none(train_csv, tmp_path, capsys, 
         return real_mkstemp(*args, prefix=prefix, **kwargs)
 
     monkeypatch.setattr(tempfile, "mkstemp", disk_full_at_the_curve)
-    code, _, err = run(["train-fold", SMOKE, "--fold", "0", f"data.path={train_csv}", *PINNED, "train.epochs=1", "scheduler.type=none",
-                        "--out-dir", out_dir], capsys)
+    code, _, err = run(["train-fold", SMOKE, "--fold", "0", f"data.path={train_csv}", *PINNED, "train.epochs=1",
+                        "scheduler.type=none", "--out-dir", out_dir], capsys)
     assert (code, err) == (2, f"raycv: error: cannot write {out_dir / 'curve.csv'}: No space left on device\n")
     assert {path.name: path.read_text() for path in out_dir.iterdir()} == before  # no temporary file left either
 

@@ -301,9 +301,12 @@ def test_prometheus_scrapes_raycv_metrics_with_the_trials_labels(watched, traini
     assert series["metric"]["run"] == "watch" and series["metric"]["trial"] == training["trial"]
     assert 0.3 < float(series["value"][1]) < 3.0
     # Every fold of the trial, by its label, in the per-fold series.
-    folds = prometheus_query(
-        port, f'max by (fold) (max_over_time(ray_raycv_eval_points{{trial="{training["trial"]}"}}[30m]))')
-    assert sorted(s["metric"]["fold"] for s in folds) == [str(k) for k in range(NUM_FOLDS)]
+    # Each fold worker exports its own series from its own process: a later scrape may be the first to see one.
+    per_fold = f'max by (fold) (max_over_time(ray_raycv_eval_points{{trial="{training["trial"]}"}}[30m]))'
+    while (seen := sorted(s["metric"]["fold"] for s in prometheus_query(port, per_fold))) != [
+            str(k) for k in range(NUM_FOLDS)]:
+        assert time.monotonic() < deadline, f"Prometheus has the folds {seen} of {NUM_FOLDS}"
+        time.sleep(3)
 
 
 # ---------------------------------------------------------------- what the job's overview counts as failed
