@@ -418,9 +418,8 @@ def check_run_directory(config: Config, output_dir: Path, resume: bool, resume_c
                          f"{state.driver.get('pid')} on {state.driver.get('host')}); stop it first")
     saved_path = output_dir / "resolved_config.yaml"
     try:
-        if saved_path.exists() and not saved_path.is_file() and not saved_path.is_dir():
-            # a pipe: reading it waited for a writer for ever
-            raise ValueError(f"it is {storage.what_is_at(saved_path)}, not a file")
+        if (kind := storage.what_is_at(saved_path)) not in (None, "a file", "a directory"):
+            raise ValueError(f"it is {kind}, not a file")  # a pipe: reading it waited for a writer for ever
         saved = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
     except (OSError, ValueError, yaml.YAMLError) as exc:  # missing, a directory, not UTF-8, not YAML
         saved = exc
